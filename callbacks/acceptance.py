@@ -1,0 +1,180 @@
+"""Measure self-speculative acceptance during training, so checkpoints can be chosen by it.
+
+At the end of the first validation and every ``every_n_val``-th after it (sanity checks skipped), the
+callback decodes fixed held-out prompts, ``trainer.datamodule.val_prompts(n_prompts, prompt_len)``,
+with real greedy speculative decoding (and sampled decoding with a fixed seed when asked), and logs
+``spec/acceptance_rate``, ``spec/mean_acceptance_length`` and ``spec/acceptance_rate_pos{j}`` through
+``pl_module.log`` in ``on_validation_epoch_end``, so ``ModelCheckpoint(monitor=
+"spec/mean_acceptance_length", mode="max")`` sees them. It also logs the teacher-forced estimate
+``spec/tf_mean_acceptance_length`` / ``spec/tf_acceptance_rate`` on the first validation batch.
+
+Distributed runs: every rank decodes the same prompts (the counts are summed across ranks, which
+leaves the rates unchanged). Speculative steps can still differ between ranks (kernels are not
+bit-identical across devices), so the decoder gets a ``sync_done`` hook: each step all-reduces a
+"done" flag and drafts the full draft_len, so every rank runs the same number of passes with the same
+shapes. That is what collectives inside a forward (FSDP's all-gathers) need; the decoding calls of
+``CPModel`` must still see full parameters under FSDP, which has not been tested here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
+
+from mtp_lightning.config import SpecConfig
+from mtp_lightning.decoding.metrics import SpecAcceptance
+from mtp_lightning.decoding.sampling import Sampling
+from mtp_lightning.decoding.speculative import generate_speculative, resolve_draft_len
+from mtp_lightning.decoding.teacher_forced import teacher_forced_acceptance
+
+
+class SpecAcceptanceCallback(pl.Callback):
+    def __init__(self, every_n_val: int = 1, n_prompts: int = 4, prompt_len: int = 64, max_new_tokens: int = 64,
+                 draft_len: int = 0, sampled: bool = False, verifier: str = "marginal", seed: int = 0):
+        if every_n_val < 0 or n_prompts < 1 or prompt_len < 1 or max_new_tokens < 1:
+            raise ValueError(f"SpecAcceptanceCallback needs every_n_val >= 0 and n_prompts, prompt_len, "
+                             f"max_new_tokens >= 1; got {every_n_val}, {n_prompts}, {prompt_len}, "
+                             f"{max_new_tokens}")
+        self.every_n_val, self.n_prompts, self.prompt_len = every_n_val, n_prompts, prompt_len
+        self.max_new_tokens, self.draft_len, self.sampled = max_new_tokens, draft_len, sampled
+        self.verifier, self.seed = verifier, seed
+        self._validations = 0  # real (not sanity) validations seen; saved in checkpoints
+        self._windows: torch.Tensor | None = None
+        self._warned: set[str] = set()
+
+    @classmethod
+    def from_config(cls, spec: SpecConfig) -> "SpecAcceptanceCallback":
+        return cls(every_n_val=spec.every_n_val, n_prompts=spec.n_prompts, prompt_len=spec.prompt_len,
+                   max_new_tokens=spec.max_new_tokens, draft_len=spec.draft_len, sampled=spec.sampled,
+                   verifier=spec.verifier)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        model = getattr(pl_module, "model", None)
+        if model is None or self.every_n_val == 0:
+            return
+        k = resolve_draft_len(model, self.draft_len)
+        # prompts are one batch of equal length; a batch keeps draft_len spare cache slots
+        need = self.prompt_len + self.max_new_tokens - 1 + k
+        if need > model.max_seq_len:
+            raise ValueError(f"spec.prompt_len={self.prompt_len} + spec.max_new_tokens={self.max_new_tokens} "
+                             f"+ draft_len={k} - 1 = {need} exceeds model.gpt.max_seq_len={model.max_seq_len}; "
+                             f"lower spec.prompt_len or spec.max_new_tokens")
+
+    @override
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if batch_idx == 0 and dataloader_idx == 0 and not trainer.sanity_checking:
+            if isinstance(batch, (tuple, list)):
+                batch = batch[0]
+            elif isinstance(batch, dict):
+                batch = batch.get("window")
+            if isinstance(batch, torch.Tensor) and batch.dim() == 2:
+                self._windows = batch
+            else:
+                self._warn_once("windows", "SpecAcceptanceCallback: the first validation batch is not a "
+                                "(B, T + n_future) LongTensor (nor its first element, nor batch['window']); "
+                                "spec/tf_* metrics are skipped")
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self.every_n_val == 0:
+            return
+        self._validations += 1
+        if (self._validations - 1) % self.every_n_val:
+            return
+        model = pl_module.model
+        k = resolve_draft_len(model, self.draft_len)
+        prompts = self._prompts(trainer)
+        windows, self._windows = self._windows, None
+        was_training = model.training
+        model.eval()
+        try:
+            scalars, histograms = self._measure(trainer, model, k, prompts, windows)
+        finally:
+            model.train(was_training)
+        for key, value in scalars.items():
+            pl_module.log(key, value, sync_dist=True)
+        self._tensorboard(trainer, k, scalars, histograms)
+
+    def _prompts(self, trainer: pl.Trainer) -> torch.Tensor | None:
+        dm = trainer.datamodule
+        if dm is None or not hasattr(dm, "val_prompts"):
+            self._warn_once("prompts", "SpecAcceptanceCallback: the datamodule defines no "
+                            "`val_prompts(n_prompts, prompt_len) -> LongTensor (n, prompt_len)`; real "
+                            "speculative decoding (spec/acceptance_rate, spec/mean_acceptance_length) "
+                            "is skipped")
+            return None
+        return dm.val_prompts(self.n_prompts, self.prompt_len)
+
+    def _measure(self, trainer: pl.Trainer, model, k: int, prompts: torch.Tensor | None,
+                 windows: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Scalars to log by name, and the acceptance histograms (k+1,) by prefix."""
+        device = model.unembedding.device
+        sync_done = None
+        if trainer.world_size > 1:
+            def sync_done(local_done: bool) -> bool:
+                left = torch.tensor(0.0 if local_done else 1.0, device=device)
+                return bool(trainer.strategy.reduce(left, reduce_op="sum") == 0)
+
+        runs = [("spec/", None)] if prompts is not None else []
+        if prompts is not None and self.sampled:
+            gen = torch.Generator(device=device).manual_seed(self.seed)
+            runs.append(("spec/sampled_", gen))
+        out: dict[str, torch.Tensor] = {}
+        histograms: dict[str, torch.Tensor] = {}
+        for prefix, gen in runs:
+            metric = SpecAcceptance(k).to(device)
+            with torch.inference_mode():
+                result = generate_speculative(model, prompts, self.max_new_tokens, verifier=self.verifier,
+                                              draft_len=k, sampling=Sampling(1.0) if gen else Sampling(),
+                                              generator=gen, sync_done=sync_done)
+            metric.update(*result.step_counts())
+            stats = metric.compute()  # sums across ranks
+            out[f"{prefix}acceptance_rate"] = stats["acceptance_rate"]
+            out[f"{prefix}mean_acceptance_length"] = stats["mean_acceptance_length"]
+            for j, rate in enumerate(stats["per_position"], start=1):
+                out[f"{prefix}acceptance_rate_pos{j}"] = rate
+            histograms[prefix] = stats["histogram"]
+        if windows is not None:
+            tf = teacher_forced_acceptance(model, windows, k, self.verifier)
+            out["spec/tf_mean_acceptance_length"] = tf["mean_acceptance_length"]
+            out["spec/tf_acceptance_rate"] = tf["acceptance_rate"]
+        return out, histograms
+
+    def _tensorboard(self, trainer: pl.Trainer, k: int, scalars: dict[str, torch.Tensor],
+                     histograms: dict[str, torch.Tensor]) -> None:
+        """Histogram and per-position rates as TensorBoard plots; pure logging, rank zero only."""
+        if not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            if not isinstance(logger, TensorBoardLogger):
+                continue
+            for prefix, hist in histograms.items():
+                if int(hist.sum()) == 0:
+                    continue
+                values = torch.repeat_interleave(torch.arange(k + 1), hist.cpu()).float()  # one value per step
+                logger.experiment.add_histogram(f"{prefix}accepted_per_step", values, trainer.global_step,
+                                                bins=np.arange(k + 2) - 0.5)
+                logger.experiment.add_scalars(f"{prefix}acceptance_rate_per_position",
+                                              {f"pos{j}": float(scalars[f"{prefix}acceptance_rate_pos{j}"])
+                                               for j in range(1, k + 1)}, trainer.global_step)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"validations": self._validations}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._validations = state_dict.get("validations", 0)

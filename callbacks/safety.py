@@ -1,0 +1,61 @@
+"""Stop cleanly on SIGTERM / SIGINT: finish the step, write ``last.ckpt``, say how to resume."""
+
+from __future__ import annotations
+
+import signal
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from typing_extensions import override
+
+
+class GracefulStopCallback(L.Callback):
+    """Replaces the SIGTERM/SIGINT handlers during ``fit`` with a flag checked at each step boundary.
+
+    Under several processes the flag is agreed by a collective (``reduce_boolean_decision``), so every
+    rank stops at the same step and the checkpoint save, itself collective, cannot deadlock.
+    """
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict = {}
+        self.stopped_at: int | None = None
+        self.checkpoint_path: str | None = None
+
+    def _handler(self, signum, frame) -> None:
+        self.received = signum
+
+    @override
+    def on_train_start(self, trainer, pl_module) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread (e.g. inside some test runners): leave them be
+                pass
+
+    @override
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        flag = self.received is not None
+        if trainer.world_size > 1:
+            flag = trainer.strategy.reduce_boolean_decision(flag, all=False)
+        if not flag:
+            return
+        ckpt_cb = next((c for c in trainer.checkpoint_callbacks
+                        if isinstance(c, ModelCheckpoint) and c.monitor is None), None)
+        if ckpt_cb is not None and ckpt_cb.dirpath:
+            self.checkpoint_path = f"{ckpt_cb.dirpath}/last.ckpt"
+            trainer.save_checkpoint(self.checkpoint_path)
+        self.stopped_at = trainer.global_step
+        trainer.should_stop = True
+
+    @override
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+def signal_exit_code(signum: int) -> int:
+    return 128 + int(signum)
+
+

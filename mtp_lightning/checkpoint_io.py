@@ -1,0 +1,162 @@
+"""Checkpoints: written atomically, read without executing code, checked against this code.
+
+- Writes go to a temporary file in the same folder, are fsynced, and are renamed into place, so a kill
+  or a full disk during a save leaves the previous checkpoint whole.
+- Reads use ``torch.load(weights_only=True)``: tensors, numbers, strings and containers only. A file
+  that would need to run code to unpickle is refused.
+- Every checkpoint carries ``checkpoint["mtp_lightning"]``: the format version, the resolved config and
+  the tokenizer (as JSON). A checkpoint alone is enough to decode.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from mtp_lightning import __version__
+from mtp_lightning.config import Config, load_config, to_dict
+from mtp_lightning.errors import UserError
+
+FORMAT_VERSION = 1
+META_KEY = "mtp_lightning"
+
+
+def add_run_metadata(checkpoint: dict, cfg: Config, tokenizer) -> None:
+    checkpoint[META_KEY] = {
+        "format": FORMAT_VERSION,
+        "code_version": __version__,
+        "config": to_dict(cfg),
+        "tokenizer": tokenizer.to_json(),
+    }
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's torch checkpoint IO, but a save is a rename of a complete, fsynced file."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            if e.errno == errno.ENOSPC:
+                raise UserError(f"disk full while saving checkpoint '{path}'; the previous checkpoint is "
+                                f"intact: free space, then continue with `fit --resume last`") from None
+            raise
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
+        return safe_load(path)
+
+
+def safe_load(path: str | os.PathLike) -> dict:
+    """Load a checkpoint without executing code; every failure is one clear ``UserError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: '{path}'; pass an existing .ckpt file "
+                        f"(runs/<name>/checkpoints/last.ckpt)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise UserError(f"checkpoint '{path}' holds objects that would run code when loaded; "
+                            f"refusing it. Only load checkpoints written by mtp_lightning") from None
+        raise UserError(f"checkpoint '{path}' is corrupted ({type(e).__name__}); use an earlier one "
+                        f"from the same checkpoints/ folder") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise UserError(f"checkpoint '{path}' is truncated or corrupted ({str(e).splitlines()[0][:80]}); "
+                        f"use an earlier one from the same checkpoints/ folder") from None
+    if not isinstance(ckpt, dict) or META_KEY not in ckpt or "state_dict" not in ckpt:
+        raise UserError(f"'{path}' is not an mtp_lightning checkpoint (no '{META_KEY}' metadata); "
+                        f"pass a checkpoint written by `python -m mtp_lightning fit`")
+    meta = ckpt[META_KEY]
+    if meta.get("format") != FORMAT_VERSION:
+        raise UserError(f"checkpoint '{path}' has format {meta.get('format')!r}, this code reads "
+                        f"format {FORMAT_VERSION}; use the mtp_lightning version that wrote it")
+    return ckpt
+
+
+def checkpoint_config(ckpt: dict, overrides: list[str] | None = None) -> Config:
+    return load_config(overrides=overrides, base=ckpt[META_KEY]["config"])
+
+
+def load_for_inference(path: str | os.PathLike, device: str = "cpu"):
+    """(CPModel in eval mode, Tokenizer, Config) from a checkpoint file."""
+    from mtp_lightning.data.tokenizer import Tokenizer
+    from mtp_lightning.model.cp_model import CPModel
+
+    ckpt = safe_load(path)
+    cfg = checkpoint_config(ckpt)
+    tokenizer = Tokenizer.from_json(ckpt[META_KEY]["tokenizer"])
+    cfg.model.gpt.vocab_size = tokenizer.vocab_size
+    model = CPModel(cfg.model)
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    load_state(model, state, path)
+    return model.to(device).eval(), tokenizer, cfg
+
+
+def load_state(model: torch.nn.Module, state: dict, path) -> None:
+    """load_state_dict with a clear message when the checkpoint's architecture differs."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or shapes:
+        detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
+                  else f"shape of {shapes[0]} is {tuple(state[shapes[0]].shape)}, the model expects "
+                       f"{tuple(own[shapes[0]].shape)}")
+        raise UserError(f"checkpoint '{path}' does not match the model built from its config ({detail}); "
+                        f"it was written by a different architecture or code version")
+    model.load_state_dict(state)
+
+
+def find_resume_checkpoint(run_dir: Path) -> Path:
+    """The newest complete checkpoint of a run: last.ckpt, else the newest other .ckpt that loads."""
+    ckpt_dir = run_dir / "checkpoints"
+    candidates = sorted(ckpt_dir.glob("*.ckpt"), key=lambda p: (p.name != "last.ckpt", -p.stat().st_mtime))
+    if not candidates:
+        raise UserError(f"nothing to resume: no checkpoint in '{ckpt_dir}'; start the run with `fit` "
+                        f"(without --resume) or pass --resume PATH to a .ckpt file")
+    errors = []
+    for c in candidates:
+        try:
+            safe_load(c)
+            return c
+        except UserError as e:
+            errors.append(str(e))
+    raise UserError(f"no usable checkpoint in '{ckpt_dir}': {errors[0]}")

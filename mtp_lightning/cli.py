@@ -1,0 +1,133 @@
+"""``python -m mtp_lightning <command>``: fit, validate, test, generate, bench.
+
+Bad input is a ``UserError``: one line on stderr, exit code 2, no traceback unless ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+from mtp_lightning.errors import UserError
+
+CONFIG_HELP = ("YAML config file(s), merged in order over the typed defaults; dotted key=value "
+               "overrides come last (e.g. trainer.max_steps=100 model.heads.rank=8)")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", action="append", default=[], metavar="FILE", help=CONFIG_HELP)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m mtp_lightning",
+                                     description="Train and decode with rank-r CP multi-token heads.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fit", help="train a model (default: CP heads on the Python standard library)")
+    _common(p)
+    p.add_argument("--resume", metavar="last|PATH",
+                   help="continue run.name from its newest checkpoint ('last') or from a .ckpt file")
+
+    for name, what in (("validate", "validation"), ("test", "test")):
+        p = sub.add_parser(name, help=f"evaluate a checkpoint on the {what} split")
+        _common(p)
+        p.add_argument("--ckpt", metavar="PATH", help="checkpoint (default: run.name's last)")
+
+    p = sub.add_parser("generate", help="decode from a prompt, autoregressively or speculatively")
+    p.add_argument("--ckpt", required=True, metavar="PATH")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--mode", choices=("ar", "spec"), default="spec")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--draft-len", type=int, default=0, help="speculative tokens per step (0: n_future-1)")
+    p.add_argument("--verifier", choices=("marginal", "lm_head"), default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    p.add_argument("--debug", action="store_true")
+
+    p = sub.add_parser("bench", help="AR vs speculative decoding of the same prompts, side by side")
+    p.add_argument("--ckpt", required=True, metavar="PATH")
+    p.add_argument("--prompts", default="val", metavar="val|FILE",
+                   help="'val' (held-out windows of the checkpoint's corpus) or a text file, one prompt a line")
+    p.add_argument("--n-prompts", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--draft-len", type=int, default=0)
+    p.add_argument("--verifier", choices=("marginal", "lm_head"), default=None)
+    p.add_argument("--sampled", action="store_true", help="also measure sampled acceptance")
+    p.add_argument("--json", metavar="OUT", help="write the results as JSON here (and a PNG beside it)")
+    p.add_argument("--debug", action="store_true")
+    return parser
+
+
+def _quiet_libraries() -> None:
+    """Lightning and torch print many advisory warnings; a user running a preset does not need them."""
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    import logging
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                 "lightning.pytorch.accelerators.cuda"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "fit":
+        if args.print_config:
+            return _print_config(args)
+        from mtp_lightning.train import fit
+
+        run_dir, stop = fit(args.config, args.overrides, args.resume)
+        if stop.received is not None:
+            print(f"stopped by signal {stop.received} at step {stop.stopped_at}; checkpoint "
+                  f"{stop.checkpoint_path}. Continue with: python -m mtp_lightning fit --resume last "
+                  f"run.name={run_dir.name} run.root={run_dir.parent}", file=sys.stderr)
+            return 128 + int(stop.received)
+        print(f"run finished: {run_dir}")
+        return 0
+    if args.command in ("validate", "test"):
+        if args.print_config:
+            return _print_config(args)
+        from mtp_lightning.train import evaluate
+
+        results = evaluate(args.command, args.config, args.overrides, args.ckpt)
+        for key, value in sorted(results[0].items()):
+            print(f"{key:40s} {value:.4f}")
+        return 0
+    from mtp_lightning import decode_cli
+
+    return decode_cli.generate(args) if args.command == "generate" else decode_cli.bench(args)
+
+
+def _print_config(args) -> int:
+    from mtp_lightning.config import load_config, to_yaml
+
+    print(to_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.debug:
+        _quiet_libraries()
+    try:
+        return run(args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+

@@ -1,0 +1,378 @@
+"""The one typed schema of a run.
+
+Defaults live in the dataclasses below; YAML files (``--config``, in order) override them, and dotted
+``key=value`` arguments override the YAML. Unknown keys and ill-typed values are refused with one line
+that names the key and suggests the closest one. Cross-field checks live in ``validate`` and are
+collected, so the user sees every mistake at once.
+
+Each component receives its own sub-config (``cfg.model.gpt``, ``cfg.data``, ...), never the whole run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from mtp_lightning.errors import UserError, closest
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    """Run directory name under ``root``. A name already used is refused unless ``--resume`` is given."""
+    root: str = "runs"
+    """Folder that holds run directories."""
+    seed: int = 1337
+    """Seeds python, numpy and torch (and the data order) through Lightning's ``seed_everything``."""
+    deterministic: bool = False
+    """Ask torch for deterministic kernels (bit-exact resume on CPU)."""
+
+
+@dataclass
+class BackboneConfig:
+    kind: str = "gpt"
+    """``gpt``: the trunk of this project, trained from scratch. ``hf``: a Hugging Face causal LM."""
+    name_or_path: str = ""
+    """For ``kind=hf``: a hub id or a local folder."""
+    train_mode: str = "heads_only"
+    """For ``kind=hf``: ``heads_only`` (backbone frozen) or ``joint``."""
+
+
+@dataclass
+class GPTConfig:
+    n_layer: int = 6
+    n_head: int = 4
+    d_model: int = 256
+    max_seq_len: int = 256
+    """Longest context the position table holds (training windows and decoding)."""
+    dropout: float = 0.0
+    bias: bool = False
+    vocab_size: int = 0
+    """Filled in from the tokenizer at run time; 0 in YAML."""
+
+
+@dataclass
+class HeadsConfig:
+    n_future: int = 4
+    """n: how many future tokens each position predicts (offset 1 is the next token)."""
+    rank: int = 4
+    """r: number of CP components (experts). 1 is Gloeckle et al.'s independent heads."""
+    kind: str = "mlp"
+    """Factor head h_{s,a}: ``linear`` | ``mlp`` (residual MLP, Medusa-style) | ``block`` (a transformer
+    layer per offset, then a map to r vectors, Gloeckle-style)."""
+    router_init_std: float = 0.02
+
+
+@dataclass
+class LossConfig:
+    balance: str = "switch"
+    """Balancing loss: ``switch`` | ``cv2`` | ``none``."""
+    balance_weight: float = 0.01
+    """lambda_aux."""
+    switch_assign: str = "weight"
+    """For ``switch``: f_a counts positions whose largest router ``weight`` or largest ``posterior`` is a."""
+    next_token_weight: float = 0.0
+    """Weight of the next-token NLL of the offset-1 marginal (keeps the verifier sharp)."""
+    lm_head_weight: float = 0.0
+    """Weight of the NLL of a plain next-token head U z_t (the ``lm_head`` verifier of the GPT trunk)."""
+    chunk_size: int = 0
+    """Positions per chunk of the memory-lean loss; 0 picks one from the vocabulary size."""
+    lean: bool = True
+    """Memory-lean loss (chunks with recomputation). ``false`` holds all n*r logits at once."""
+    position_fraction: float = 1.0
+    """Share of positions (random subset) that get the multi-token loss; next-token term keeps all."""
+    bf16_unembed: bool = False
+    """Run the n*r unembedding products in bf16 (fp32 accumulation of the log-softmax)."""
+
+
+@dataclass
+class ModelConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    gpt: GPTConfig = field(default_factory=GPTConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    compile: bool = False
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class TokenizerConfig:
+    kind: str = "bpe"
+    """``bpe``: train a byte-level BPE on the training split (cached). ``file``: a tokenizer.json.
+    ``hub``: a Hugging Face tokenizer name or folder."""
+    path: str = ""
+    vocab_size: int = 4096
+    train_bytes: int = 8_000_000
+    """At most this many bytes of training text are used to fit the BPE."""
+
+
+@dataclass
+class DataConfig:
+    kind: str = "code"
+    """``code`` | ``text``: picks the DataModule and the default corpus."""
+    source: str = "stdlib"
+    """An embedded corpus (``stdlib``, ``shakespeare``), a local file, folder or glob, or a hub id."""
+    hub_config: str = ""
+    hub_split: str = "train"
+    text_column: str = "text"
+    seq_len: int = 256
+    """Tokens of context per window; each window holds seq_len + n_future tokens."""
+    batch_size: int = 16
+    val_fraction: float = 0.05
+    """Share of documents held out, chosen by a hash of each document (deterministic)."""
+    max_bytes: int = 0
+    """Stop reading the corpus after this many bytes (0: all)."""
+    num_workers: int = 0
+    cache_dir: str = ""
+    """Where tokenised corpora and tokenizers are cached; default ``$MTP_LIGHTNING_CACHE`` or
+    ``~/.cache/mtp_lightning``."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    head_lr: float = 0.0
+    """Learning rate of the heads; 0 uses ``lr``."""
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio at trainer.max_steps."""
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 2000
+    accelerator: str = "auto"
+    devices: Any = 1
+    strategy: str = "auto"
+    """``auto`` | ``ddp`` | ``ddp_spawn`` | ``fsdp``."""
+    precision: str = "auto"
+    """``auto``: bf16-mixed on a GPU or a CPU with native bf16 matmuls (AVX512-BF16/AMX), else 32-true
+    (CPUs without them run bf16 matmuls many times slower than fp32)."""
+    val_check_interval: int = 250
+    """Validate every this many training steps."""
+    limit_val_batches: int = 20
+    log_every_n_steps: int = 10
+    accumulate_grad_batches: int = 1
+    num_sanity_val_steps: int = 0
+    progress_bar: bool = True
+    on_nonfinite: str = "stop"
+    """A NaN/inf loss: ``stop`` the run, or ``skip`` the batch and count it."""
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = 250
+    save_top_k: int = 1
+    monitor: str = "val/loss"
+    """Metric the best checkpoint is chosen by (``spec/mean_acceptance_length`` is maximised)."""
+
+
+@dataclass
+class SpecConfig:
+    every_n_val: int = 1
+    """Run real self-speculative decoding every this many validations (0: never)."""
+    n_prompts: int = 4
+    prompt_len: int = 64
+    max_new_tokens: int = 64
+    draft_len: int = 0
+    """Speculative tokens per step; 0 means n_future - 1 (the most the heads give)."""
+    sampled: bool = False
+    """Also measure sampled (temperature 1) speculative decoding."""
+    verifier: str = "marginal"
+    """``marginal`` (the model's own offset-1 marginal) or ``lm_head``."""
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    spec: SpecConfig = field(default_factory=SpecConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.backbone.kind": ("gpt", "hf"),
+    "model.backbone.train_mode": ("heads_only", "joint"),
+    "model.heads.kind": ("linear", "mlp", "block"),
+    "model.loss.balance": ("switch", "cv2", "none"),
+    "model.loss.switch_assign": ("weight", "posterior"),
+    "tokenizer.kind": ("bpe", "file", "hub"),
+    "data.kind": ("code", "text"),
+    "trainer.strategy": ("auto", "ddp", "ddp_spawn", "fsdp"),
+    "trainer.precision": ("auto", "32-true", "32", "bf16-mixed", "bf16-true", "16-mixed"),
+    "trainer.accelerator": ("auto", "cpu", "gpu", "cuda"),
+    "trainer.on_nonfinite": ("stop", "skip"),
+    "spec.verifier": ("marginal", "lm_head"),
+}
+
+
+def _schema_keys(cls, prefix: str = "") -> dict[str, Any]:
+    """Every dotted leaf key of the schema, mapped to its field type."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if sub is not None and dataclasses.is_dataclass(sub):
+            out.update(_schema_keys(sub, key + "."))
+        else:
+            out[key] = f.type
+    return out
+
+
+ALL_KEYS = _schema_keys(Config)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key not in ALL_KEYS:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _check_keys(d: dict, origin: str) -> None:
+    for key in _flatten(d):
+        if key not in ALL_KEYS:
+            raise UserError(f"unknown config key '{key}' in {origin}{closest(key, ALL_KEYS)}; "
+                            f"see `python -m mtp_lightning fit --print-config` for every key")
+
+
+def _load_yaml(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file not found: '{path}'; pass an existing YAML file to --config "
+                        f"(presets are in conf/)")
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(p), resolve=False)
+    except Exception as e:  # a YAML syntax error: name the file, not the parser's internals
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"config file '{path}' is not valid YAML ({first}); fix the file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file '{path}' must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _parse_overrides(overrides: list[str]) -> dict:
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override '{item}' is not of the form key=value "
+                            f"(e.g. trainer.max_steps=100)")
+        key, _ = item.split("=", 1)
+        if key.strip() not in ALL_KEYS:
+            raise UserError(f"unknown config key '{key}' in the command line{closest(key, ALL_KEYS)}; "
+                            f"see `python -m mtp_lightning fit --print-config` for every key")
+    try:
+        dl = OmegaConf.from_dotlist(overrides)
+    except OmegaConfBaseException as e:
+        raise UserError(f"could not parse overrides {overrides}: {e}") from None
+    out.update(OmegaConf.to_container(dl, resolve=False))
+    return out
+
+
+def _merge(base: DictConfig, layer: dict, origin: str) -> DictConfig:
+    _check_keys(layer, origin)
+    try:
+        return OmegaConf.merge(base, layer)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        typ = ALL_KEYS.get(key, "?")
+        typ = getattr(typ, "__name__", str(typ))
+        value = _flatten(layer).get(key, "?")
+        raise UserError(f"config key '{key}' in {origin} expects {typ}, got {value!r}") from None
+
+
+def load_config(files: list[str] | None = None, overrides: list[str] | None = None,
+                base: dict | None = None) -> Config:
+    """Typed defaults, then ``base`` (a saved run's config), then YAML files in order, then overrides."""
+    cfg = OmegaConf.structured(Config)
+    if base is not None:
+        cfg = _merge(cfg, base, "the saved run config")
+    for f in files or []:
+        cfg = _merge(cfg, _load_yaml(f), f"'{f}'")
+    if overrides:
+        cfg = _merge(cfg, _parse_overrides(overrides), "the command line")
+    obj: Config = OmegaConf.to_object(cfg)
+    validate(obj)
+    return obj
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks. Every problem is collected and reported in one message."""
+    errors: list[str] = []
+    flat = _flatten(to_dict(cfg))
+    for key, allowed in CHOICES.items():
+        value = flat[key]
+        if str(value) not in allowed:
+            errors.append(f"{key}={value!r} is not one of {', '.join(allowed)}")
+
+    def positive(key: str, value, minimum=1):
+        if value < minimum:
+            errors.append(f"{key}={value} must be >= {minimum}")
+
+    g, h, d = cfg.model.gpt, cfg.model.heads, cfg.data
+    positive("model.heads.rank", h.rank)
+    positive("model.heads.n_future", h.n_future)
+    positive("model.gpt.n_layer", g.n_layer)
+    positive("model.gpt.n_head", g.n_head)
+    positive("model.gpt.d_model", g.d_model)
+    positive("data.seq_len", d.seq_len)
+    positive("data.batch_size", d.batch_size)
+    positive("trainer.max_steps", cfg.trainer.max_steps)
+    positive("trainer.val_check_interval", cfg.trainer.val_check_interval)
+    positive("checkpoint.every_n_steps", cfg.checkpoint.every_n_steps)
+    positive("tokenizer.vocab_size", cfg.tokenizer.vocab_size, 260)
+    if g.n_head >= 1 and g.d_model % g.n_head:
+        errors.append(f"model.gpt.n_head={g.n_head} does not divide model.gpt.d_model={g.d_model}; "
+                      f"pick a head count that divides the width")
+    if h.n_future > d.seq_len:
+        errors.append(f"model.heads.n_future={h.n_future} is larger than the window data.seq_len="
+                      f"{d.seq_len}; lower n_future or raise seq_len")
+    if cfg.model.backbone.kind == "gpt" and d.seq_len > g.max_seq_len:
+        errors.append(f"data.seq_len={d.seq_len} exceeds model.gpt.max_seq_len={g.max_seq_len}; "
+                      f"raise max_seq_len or lower seq_len")
+    if not 0.0 < d.val_fraction < 1.0:
+        errors.append(f"data.val_fraction={d.val_fraction} must be between 0 and 1 (exclusive)")
+    if not 0.0 < cfg.model.loss.position_fraction <= 1.0:
+        errors.append(f"model.loss.position_fraction={cfg.model.loss.position_fraction} must be in (0, 1]")
+    if cfg.model.loss.balance_weight < 0 or cfg.model.loss.next_token_weight < 0:
+        errors.append("model.loss weights must be >= 0")
+    if cfg.optim.lr <= 0:
+        errors.append(f"optim.lr={cfg.optim.lr} must be > 0")
+    if cfg.spec.draft_len < 0 or cfg.spec.draft_len > max(h.n_future - 1, 0):
+        errors.append(f"spec.draft_len={cfg.spec.draft_len} must be between 0 (auto) and "
+                      f"model.heads.n_future - 1 = {h.n_future - 1}")
+    if cfg.model.backbone.kind == "hf" and not cfg.model.backbone.name_or_path:
+        errors.append("model.backbone.kind=hf needs model.backbone.name_or_path (a hub id or folder)")
+    if cfg.trainer.accumulate_grad_batches < 1:
+        errors.append("trainer.accumulate_grad_batches must be >= 1")
+    if not cfg.run.name or "/" in cfg.run.name or cfg.run.name in (".", ".."):
+        errors.append(f"run.name={cfg.run.name!r} must be a plain folder name (no '/')")
+    if errors:
+        raise UserError("invalid config: " + "; ".join(errors))

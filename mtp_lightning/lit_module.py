@@ -1,0 +1,150 @@
+"""The Lightning shell around ``CPModel`` and ``cp_objective``: optimisation, logging, checkpoints.
+
+The maths lives in ``model/`` and ``cp_loss.py``; this file only wires it to Lightning. Logged values
+are tensors (no host syncs in the training step), namespaced ``train/``, ``val/`` and ``test/``.
+The checkpoint carries the resolved config and the tokenizer, so a checkpoint alone is enough to
+decode, and loading one never needs to unpickle objects (see ``checkpoint_io.py``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from torchmetrics import SumMetric
+from torchmetrics.text import Perplexity
+
+from mtp_lightning.config import Config, OptimConfig
+from mtp_lightning.cp_loss import cp_objective, mixture_health
+from mtp_lightning.data.packing import split_window
+from mtp_lightning.model.cp_model import CPModel
+
+
+class CPLightningModule(L.LightningModule):
+    def __init__(self, cfg: Config, token_bytes: torch.Tensor):
+        super().__init__()
+        self.cfg = cfg
+        self.model = CPModel(cfg.model)
+        # bytes each token id stands for: bits per byte compares models across tokenizers
+        self.register_buffer("token_bytes", token_bytes.float(), persistent=False)  # (V,)
+        self.stage_metrics = torch.nn.ModuleDict({
+            stage: torch.nn.ModuleDict({"ppl": Perplexity(), "nats": SumMetric(), "bytes": SumMetric()})
+            for stage in ("val", "test")
+        })
+        self.last_expert_choice: torch.Tensor | None = None  # read by the mixture-health callback
+        self.nonfinite_skips = 0
+
+    # ---- steps ----------------------------------------------------------------------------------
+
+    def _terms(self, window: torch.Tensor):
+        n = self.model.n_future
+        inputs, targets = split_window(window, n)  # (B, T), (B, T, n)
+        z, states = self.model(inputs)  # (B, T, D), n x (B, T, D)
+        terms = cp_objective(self.model.heads, z, states, self.model.unembedding, targets, self.cfg.model.loss)
+        return inputs, targets, z, states, terms
+
+    def _log_terms(self, stage: str, terms, batch_size: int) -> None:
+        n = self.model.n_future
+        on_step = stage == "train"
+        logs = {
+            f"{stage}/joint_nll_per_token": terms.joint_nll / n,
+            f"{stage}/joint_nll": terms.joint_nll,
+            f"{stage}/next_token_nll": terms.offset_nll[0],
+            f"{stage}/balance_loss": terms.balance,
+        }
+        for s in range(n):
+            logs[f"{stage}/offset{s + 1}_nll"] = terms.offset_nll[s]
+        if terms.lm_head_nll is not None:
+            logs[f"{stage}/lm_head_nll"] = terms.lm_head_nll
+        health = mixture_health(terms.log_w, terms.posterior)
+        for key in ("router_entropy", "dead_experts", "busiest_share"):
+            logs[f"{stage}/{key}"] = health[key]
+        for a in range(self.model.rank):
+            logs[f"{stage}/expert{a}_weight"] = health["expert_weight"][a]
+            logs[f"{stage}/expert{a}_wins"] = health["expert_wins"][a]
+        self.log_dict(logs, on_step=on_step, on_epoch=not on_step, batch_size=batch_size,
+                      sync_dist=not on_step)
+        self.log(f"{stage}/loss", terms.loss, on_step=on_step, on_epoch=not on_step, prog_bar=True,
+                 batch_size=batch_size, sync_dist=not on_step)
+        if stage == "train":
+            self.last_expert_choice = terms.log_w.argmax(-1)  # (N,)
+
+    def training_step(self, window: torch.Tensor, batch_idx: int):
+        _, _, _, _, terms = self._terms(window)
+        if self.cfg.trainer.on_nonfinite == "skip" and not torch.isfinite(terms.loss):
+            # skipping must be decided on every rank alike, or DDP would wait forever
+            self.nonfinite_skips += 1
+            self.log("train/nonfinite_skips", float(self.nonfinite_skips))
+            return None
+        self._log_terms("train", terms, window.shape[0])
+        return terms.loss
+
+    def _eval_step(self, stage: str, window: torch.Tensor) -> torch.Tensor:
+        inputs, targets, z, states, terms = self._terms(window)
+        self._log_terms(stage, terms, window.shape[0])
+        m = self.stage_metrics[stage]
+        m["nats"].update(terms.token_nll.sum())
+        m["bytes"].update(self.token_bytes[targets[..., 0]].sum())
+        # torchmetrics' Perplexity takes logits: the marginal's log-probs are logits of the marginal
+        with torch.no_grad():
+            for b in range(window.shape[0]):
+                lp = self.model.verifier_logprobs(z[b:b + 1], [u[b:b + 1] for u in states], "marginal")
+                m["ppl"].update(lp, targets[b:b + 1, :, 0])  # (1, T, V)
+        return terms.loss
+
+    def validation_step(self, window: torch.Tensor, batch_idx: int):
+        return self._eval_step("val", window)
+
+    def test_step(self, window: torch.Tensor, batch_idx: int):
+        return self._eval_step("test", window)
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        m = self.stage_metrics[stage]
+        if m["bytes"].update_count == 0:
+            return
+        bpb = m["nats"].compute() / math.log(2) / m["bytes"].compute().clamp(min=1)
+        self.log(f"{stage}/bits_per_byte", bpb, sync_dist=False)  # already reduced by torchmetrics
+        self.log(f"{stage}/ppl", m["ppl"].compute(), sync_dist=False)
+        for metric in m.values():
+            metric.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    # ---- optimisation ---------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        o: OptimConfig = self.cfg.optim
+        head_lr = o.head_lr or o.lr
+        groups: dict[tuple[float, float], list] = {}
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            # weight decay on matrices only; norms, biases and the router stay undecayed
+            decay = o.weight_decay if (p.ndim >= 2 and "router" not in name) else 0.0
+            lr = head_lr if name.startswith("heads.") else o.lr
+            groups.setdefault((lr, decay), []).append(p)
+        param_groups = [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+        fused = self.device.type == "cuda"
+        opt = torch.optim.AdamW(param_groups, betas=(o.beta1, o.beta2), fused=fused)
+        total, warm, floor = self.cfg.trainer.max_steps, o.warmup_steps, o.min_lr_ratio
+
+        def schedule(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            progress = min(1.0, (step - warm) / max(1, total - warm))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ---- checkpoint contents --------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        from mtp_lightning.checkpoint_io import add_run_metadata
+
+        add_run_metadata(checkpoint, self.cfg, self.trainer.datamodule.tokenizer)

@@ -1,0 +1,84 @@
+"""A trunk with CP heads: the one model object that training, decoding and checkpoints share.
+
+Training calls ``forward`` (no cache). Decoding calls ``extend`` with a ``KVCache`` and then asks for
+only the distributions it needs: ``verifier_logprobs`` at every verified position, and
+``factor_logprobs`` for a few offsets at one position per row. Neither ever builds all n*r factors at
+every position, which is what makes speculative steps cheap.
+
+Shape legend: B batch, T positions, D width, n offsets, r experts, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from mtp_lightning.config import ModelConfig
+from mtp_lightning.model.gpt import GPT, KVCache
+from mtp_lightning.model.heads import CPHeads
+
+
+class CPModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.trunk = GPT(cfg.gpt)
+        self.heads = CPHeads(cfg.heads, cfg.gpt, first_cache_layer=cfg.gpt.n_layer)
+
+    @property
+    def n_future(self) -> int:
+        return self.heads.n
+
+    @property
+    def rank(self) -> int:
+        return self.heads.r
+
+    @property
+    def unembedding(self) -> torch.Tensor:
+        return self.trunk.unembedding  # (V, D)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.cfg.gpt.max_seq_len
+
+    def forward(self, idx: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """idx (B, T) -> z (B, T, D) and the n per-offset head states (B, T, D)."""
+        z = self.trunk(idx)
+        return z, self.heads.offset_states(z)
+
+    # ---- decoding -------------------------------------------------------------------------------
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        return self.trunk.new_cache(batch, max_len, extra_layers=self.heads.n_cache_layers)
+
+    def extend(self, idx: torch.Tensor, cache: KVCache, pad_mask: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Append idx (B, T) to the cache; return z (B, T, D) and the head states at those positions."""
+        z = self.trunk(idx, cache, pad_mask)
+        states = self.heads.offset_states(z, cache)
+        cache.advance(idx.shape[1])
+        return z, states
+
+    def router_logw(self, z: torch.Tensor) -> torch.Tensor:
+        """(..., D) -> (..., r) log router weights, in float32."""
+        return self.heads.router_logits(z).float().log_softmax(-1)
+
+    def factor_logprobs(self, states: list[torch.Tensor], offsets: range) -> torch.Tensor:
+        """log P_a^(s)(.) for the offsets asked, at the positions the states hold.
+
+        states n x (..., D) -> (..., len(offsets), r, V) float32 log-probabilities. One matmul.
+        """
+        h = torch.stack([self.heads.expert_vectors(states[s], s) for s in offsets], dim=-3)  # (..., k, r, D)
+        return (h @ self.unembedding.T).float().log_softmax(-1)  # (..., k, r, V)
+
+    def verifier_logprobs(self, z: torch.Tensor, states: list[torch.Tensor], verifier: str) -> torch.Tensor:
+        """The next-token distribution p(. | context) as log-probs (..., V).
+
+        ``marginal``: sum_a w_a P_a^(1), the model's own offset-1 marginal (the paper's setting).
+        ``lm_head``: a plain next-token head, softmax(U z).
+        """
+        if verifier == "lm_head":
+            return (z @ self.unembedding.T).float().log_softmax(-1)
+        logw = self.router_logw(z)  # (..., r)
+        lp1 = self.factor_logprobs(states, range(1))[..., 0, :, :]  # (..., r, V)
+        return torch.logsumexp(logw[..., None] + lp1, dim=-2)  # (..., V)

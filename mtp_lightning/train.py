@@ -1,0 +1,228 @@
+"""From a resolved ``Config`` to a Lightning run: the run directory, the Trainer, fit/validate/test.
+
+Everything that can be wrong with the user's input (config, corpus, checkpoint, run name, devices) is
+checked before the run directory is created, so a mistake leaves nothing half-made behind.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from mtp_lightning.checkpoint_io import (AtomicCheckpointIO, META_KEY, atomic_write_text,
+                                         find_resume_checkpoint, safe_load)
+from mtp_lightning.config import Config, load_config, to_yaml
+from mtp_lightning.errors import UserError
+
+
+@dataclass
+class RunPaths:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "tokenizer.json"
+
+
+def resolve_resume(resume: str, files: list[str], overrides: list[str]) -> tuple[Config, Path, Path]:
+    """For ``--resume last|PATH``: the saved config with this invocation's files and overrides on top,
+    the run directory, and the checkpoint to continue from."""
+    if resume == "last":
+        base = load_config(files, overrides)  # only to learn run.root / run.name
+        run_dir = Path(base.run.root) / base.run.name
+        if not run_dir.is_dir():
+            raise UserError(f"nothing to resume: run '{base.run.name}' does not exist under "
+                            f"'{base.run.root}'; start it with `fit` (without --resume) or set run.name")
+        ckpt_path = find_resume_checkpoint(run_dir)
+    else:
+        ckpt_path = Path(resume)
+        run_dir = ckpt_path.resolve().parent.parent
+    ckpt = safe_load(ckpt_path)
+    cfg = load_config(files, overrides, base=ckpt[META_KEY]["config"])
+    cfg.run.root, cfg.run.name = str(run_dir.parent), run_dir.name
+    return cfg, run_dir, ckpt_path
+
+
+def check_devices(cfg: Config) -> None:
+    t = cfg.trainer
+    gpu = t.accelerator in ("gpu", "cuda")
+    if gpu and not torch.cuda.is_available():
+        raise UserError(f"trainer.accelerator={t.accelerator} but this machine has no CUDA GPU; "
+                        f"use trainer.accelerator=cpu (or auto)")
+    n = t.devices if isinstance(t.devices, int) else None
+    if isinstance(t.devices, int) and t.devices < 1 and t.devices != -1:
+        raise UserError(f"trainer.devices={t.devices} must be >= 1 (or -1 for all)")
+    if n and n > 1 and t.strategy == "auto":
+        pass  # Lightning picks ddp
+    if gpu and n and n > torch.cuda.device_count():
+        raise UserError(f"trainer.devices={n} but only {torch.cuda.device_count()} GPU(s) are visible; "
+                        f"lower trainer.devices")
+    if not gpu and n and n > (os.cpu_count() or 1) * 4:
+        raise UserError(f"trainer.devices={n} CPU processes on a {os.cpu_count()}-core machine; "
+                        f"lower trainer.devices")
+    on_cpu = not gpu and not torch.cuda.is_available() or t.accelerator == "cpu"
+    if t.precision == "16-mixed" and on_cpu:
+        raise UserError("trainer.precision=16-mixed needs a GPU; use bf16-mixed or 32-true on the CPU")
+
+
+def cpu_has_fast_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(cfg: Config) -> str:
+    p = cfg.trainer.precision
+    if p != "auto":
+        return p
+    on_gpu = cfg.trainer.accelerator in ("gpu", "cuda") or (cfg.trainer.accelerator == "auto"
+                                                            and torch.cuda.is_available())
+    if on_gpu:
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "bf16-mixed" if cpu_has_fast_bf16() else "32-true"
+
+
+def build_strategy(cfg: Config):
+    s = cfg.trainer.strategy
+    if s == "fsdp":
+        from mtp_lightning.distributed import fsdp_strategy
+
+        return fsdp_strategy(cfg)
+    if s in ("ddp", "ddp_spawn") and not torch.cuda.is_available():
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(process_group_backend="gloo", start_method="spawn" if s == "ddp_spawn" else "popen")
+    return s
+
+
+def build_callbacks(cfg: Config, paths: RunPaths, n_future: int) -> list:
+    from callbacks.acceptance import SpecAcceptanceCallback
+    from callbacks.health import MixtureHistogramCallback
+    from callbacks.safety import GracefulStopCallback
+
+    c = cfg.checkpoint
+    mode = "max" if "acceptance" in c.monitor else "min"
+    callbacks = [
+        ModelCheckpoint(dirpath=paths.checkpoints, filename="step{step:07d}", save_last=True, save_top_k=0,
+                        every_n_train_steps=c.every_n_steps, auto_insert_metric_name=False),
+        ModelCheckpoint(dirpath=paths.checkpoints, monitor=c.monitor, mode=mode, save_top_k=c.save_top_k,
+                        filename="best-step{step:07d}", auto_insert_metric_name=False,
+                        save_on_train_epoch_end=False),
+        LearningRateMonitor(logging_interval="step"),
+        ThroughputMonitor(batch_size_fn=lambda w: w.shape[0], length_fn=lambda w: w.shape[1] - n_future),
+        MixtureHistogramCallback(every_n_steps=cfg.trainer.log_every_n_steps),
+        GracefulStopCallback(),
+    ]
+    if cfg.spec.every_n_val > 0:
+        callbacks.append(SpecAcceptanceCallback(cfg.spec))
+    return callbacks
+
+
+def build_trainer(cfg: Config, paths: RunPaths | None, n_future: int) -> L.Trainer:
+    t = cfg.trainer
+    logger = False
+    callbacks: list = []
+    if paths is not None:
+        logger = TensorBoardLogger(save_dir=str(paths.root), name="", version="tensorboard",
+                                   default_hp_metric=False)
+        callbacks = build_callbacks(cfg, paths, n_future)
+    if t.progress_bar:
+        from lightning.pytorch.callbacks import TQDMProgressBar
+
+        callbacks.append(TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps // 2)))
+    return L.Trainer(
+        accelerator=t.accelerator, devices=t.devices, strategy=build_strategy(cfg), precision=resolve_precision(cfg),
+        max_steps=t.max_steps, max_epochs=-1, val_check_interval=t.val_check_interval,
+        check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches,
+        log_every_n_steps=t.log_every_n_steps, accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=cfg.optim.grad_clip or None, num_sanity_val_steps=t.num_sanity_val_steps,
+        logger=logger, callbacks=callbacks, enable_progress_bar=t.progress_bar,
+        enable_checkpointing=paths is not None, default_root_dir=str(paths.root) if paths else None,
+        plugins=[AtomicCheckpointIO()] if t.strategy != "fsdp" else None,
+        deterministic=cfg.run.deterministic or None, use_distributed_sampler=False,
+        enable_model_summary=False,
+    )
+
+
+def is_launched_child() -> bool:
+    """True in the worker processes Lightning's DDP launcher starts (they re-run this command)."""
+    return os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
+
+
+def build_data_and_module(cfg: Config, tokenizer_json: str | None = None):
+    from mtp_lightning.data import build_datamodule
+    from mtp_lightning.data.tokenizer import Tokenizer
+    from mtp_lightning.lit_module import CPLightningModule
+
+    dm = build_datamodule(cfg.data, cfg.tokenizer, cfg.model.heads.n_future, cfg.run.seed)
+    if tokenizer_json is not None:
+        dm.set_tokenizer(Tokenizer.from_json(tokenizer_json))
+    tok = dm.prepare_corpus()
+    if cfg.model.gpt.vocab_size not in (0, tok.vocab_size):
+        raise UserError(f"model.gpt.vocab_size={cfg.model.gpt.vocab_size} does not match the tokenizer's "
+                        f"{tok.vocab_size}; leave model.gpt.vocab_size at 0 (it is set from the tokenizer)")
+    cfg.model.gpt.vocab_size = tok.vocab_size
+    return dm, CPLightningModule(cfg, tok.token_bytes()), tok
+
+
+def fit(files: list[str], overrides: list[str], resume: str | None = None) -> tuple[Path, object]:
+    """Train (or continue) a run; returns the run directory and the graceful-stop record."""
+    ckpt_path = None
+    tokenizer_json = None
+    if resume:
+        cfg, run_dir, ckpt_path = resolve_resume(resume, files, overrides)
+        tokenizer_json = safe_load(ckpt_path)[META_KEY]["tokenizer"]
+    else:
+        cfg = load_config(files, overrides)
+        run_dir = Path(cfg.run.root) / cfg.run.name
+        if run_dir.exists() and any(run_dir.iterdir()) and not is_launched_child():
+            raise UserError(f"run '{cfg.run.name}' already exists at '{run_dir}'; continue it with "
+                            f"`fit --resume last run.name={cfg.run.name}` or pick another run.name")
+    check_devices(cfg)
+    L.seed_everything(cfg.run.seed, workers=True, verbose=False)
+    dm, module, tok = build_data_and_module(cfg, tokenizer_json)
+    paths = RunPaths(run_dir)
+    if not is_launched_child():
+        paths.checkpoints.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(paths.config, to_yaml(cfg))
+        atomic_write_text(paths.tokenizer, tok.to_json())
+    trainer = build_trainer(cfg, paths, cfg.model.heads.n_future)
+    trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    from callbacks.safety import GracefulStopCallback
+
+    stop = next(c for c in trainer.callbacks if isinstance(c, GracefulStopCallback))
+    return run_dir, stop
+
+
+def evaluate(stage: str, files: list[str], overrides: list[str], ckpt: str | None) -> list[dict]:
+    """``validate`` or ``test`` a checkpoint (default: the run's last) on its corpus' held-out split."""
+    if ckpt is None:
+        cfg = load_config(files, overrides)
+        ckpt = str(find_resume_checkpoint(Path(cfg.run.root) / cfg.run.name))
+    loaded = safe_load(ckpt)
+    cfg = load_config(files, overrides, base=loaded[META_KEY]["config"])
+    cfg.trainer.strategy, cfg.trainer.devices = "auto", 1
+    check_devices(cfg)
+    dm, module, _ = build_data_and_module(cfg, loaded[META_KEY]["tokenizer"])
+    from mtp_lightning.checkpoint_io import load_state
+
+    load_state(module, loaded["state_dict"], ckpt)
+    trainer = build_trainer(cfg, None, cfg.model.heads.n_future)
+    run = trainer.validate if stage == "validate" else trainer.test
+    return run(module, datamodule=dm, verbose=False)

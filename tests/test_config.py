@@ -1,0 +1,77 @@
+"""Config merging (defaults < YAML files in order < overrides) and its one-line errors."""
+
+from pathlib import Path
+
+import pytest
+
+from mtp_lightning.config import ALL_KEYS, load_config, to_yaml
+from mtp_lightning.errors import UserError
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+def test_merge_order(tmp_path):
+    a = tmp_path / "a.yaml"
+    b = tmp_path / "b.yaml"
+    a.write_text("model:\n  heads: {rank: 3, n_future: 2}\ntrainer: {max_steps: 7}\n")
+    b.write_text("model:\n  heads: {rank: 5}\n")
+    cfg = load_config([str(a), str(b)], ["trainer.max_steps=11"])
+    assert (cfg.model.heads.rank, cfg.model.heads.n_future, cfg.trainer.max_steps) == (5, 2, 11)
+    assert cfg.data.kind == "code" and cfg.run.root == "runs"  # untouched defaults
+
+
+def test_keys_other_tools_rely_on():
+    for key in ("run.name", "run.root", "run.seed", "trainer.max_steps", "trainer.devices",
+                "trainer.accelerator", "trainer.strategy", "trainer.precision", "checkpoint.every_n_steps",
+                "data.kind", "data.source", "model.heads.n_future", "model.heads.rank"):
+        assert key in ALL_KEYS
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.heads.rnak=3"], "unknown config key 'model.heads.rnak' in the command line (did you mean "
+                             "'model.heads.rank'?)"),
+    (["trainer.max_steps=many"], "config key 'trainer.max_steps' in the command line expects int, got 'many'"),
+    (["model.heads.rank=0"], "model.heads.rank=0 must be >= 1"),
+    (["model.gpt.n_head=5"], "model.gpt.n_head=5 does not divide model.gpt.d_model=256"),
+    (["model.heads.n_future=300"], "model.heads.n_future=300 is larger than the window data.seq_len=256"),
+    (["model.heads.kind=conv"], "model.heads.kind='conv' is not one of linear, mlp, block"),
+    (["model.loss.balance=aux"], "model.loss.balance='aux' is not one of switch, cv2, none"),
+    (["data.kind=audio"], "data.kind='audio' is not one of code, text"),
+    (["trainer.strategy=deepspeed"], "trainer.strategy='deepspeed' is not one of"),
+    (["max_steps"], "override 'max_steps' is not of the form key=value"),
+    (["run.name=a/b"], "run.name='a/b' must be a plain folder name"),
+])
+def test_errors_name_the_key_and_value(overrides, message):
+    with pytest.raises(UserError) as e:
+        load_config(overrides=overrides)
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_errors_are_collected():
+    with pytest.raises(UserError) as e:
+        load_config(overrides=["model.heads.rank=0", "model.gpt.n_layer=0"])
+    assert "model.heads.rank=0" in str(e.value) and "model.gpt.n_layer=0" in str(e.value)
+
+
+def test_yaml_errors(tmp_path):
+    with pytest.raises(UserError, match="config file not found: 'nope.yaml'"):
+        load_config(["nope.yaml"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(UserError, match="is not valid YAML"):
+        load_config([str(bad)])
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("model:\n  head:\n    rank: 2\n")
+    with pytest.raises(UserError, match=r"unknown config key 'model.head.rank' in '.*typo.yaml' \(did you mean "
+                                        r"'model.heads.rank'\?\)"):
+        load_config([str(typo)])
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in CONF.glob("*.yaml")))
+def test_every_preset_loads(preset):
+    cfg = load_config([str(CONF / preset)])
+    assert cfg.run.name
+    assert load_config(overrides=[]) is not None
+    # the printed config is itself a valid config file
+    assert to_yaml(cfg).startswith("run:")

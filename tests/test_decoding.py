@@ -1,0 +1,391 @@
+"""Decoding tests: exact tokens and counts on stubs, greedy parity with AR on tiny random models,
+sampling exactness against enumerated verifier distributions, metrics, the teacher-forced estimate, the
+benchmark and the Lightning callback. The whole file runs in well under a minute on 2 CPU cores."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn as nn
+
+from mtp_lightning.config import GPTConfig, HeadsConfig, ModelConfig
+from mtp_lightning.decoding import (Sampling, SpecAcceptance, format_table, generate_ar, generate_speculative,
+                                    plot_per_position, run_benchmark, teacher_forced_acceptance)
+from mtp_lightning.decoding import speculative
+from mtp_lightning.decoding.sampling import residual_logprobs, sample, warp_logprobs
+from mtp_lightning.model.cp_model import CPModel
+from mtp_lightning.model.gpt import KVCache
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tensors are tiny: a second intra-op thread only adds synchronisation, and on a busy
+    2-core machine it makes every op wait for a core (4x slower measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---- helpers (reusable by later tests, e.g. on a trained smoke model) ------------------------------
+
+
+def tiny_model(kind: str = "mlp", rank: int = 3, vocab: int = 50, n_future: int = 4, seed: int = 0,
+               max_seq_len: int = 64) -> CPModel:
+    """A random 2-layer d=32 CPModel. Its embeddings are scaled up so that greedy decoding neither
+    collapses onto one repeated token (every draft accepted) nor has near-ties (argmax flips between a
+    1-token and a k-token pass): the drafts are then accepted sometimes, which is what parity needs."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(gpt=GPTConfig(n_layer=2, n_head=2, d_model=32, max_seq_len=max_seq_len, vocab_size=vocab),
+                      heads=HeadsConfig(n_future=n_future, rank=rank, kind=kind))
+    model = CPModel(cfg).eval()
+    with torch.no_grad():
+        model.trunk.wte.weight.mul_(3.0)
+        model.trunk.wpe.weight.mul_(10.0)
+    return model
+
+
+def assert_greedy_parity(model, prompts: list[list[int]], max_new_tokens: int,
+                         verifiers=("marginal", "lm_head"), draft_lens=None) -> int:
+    """Greedy speculative decoding == greedy AR token for token: per row and as one left-padded batch,
+    for every draft length and verifier. Padded-batch AR must also equal per-row AR. Returns the
+    accepted drafts summed over all runs, so a caller can check drafts were accepted at all."""
+    draft_lens = draft_lens or range(1, model.n_future)
+    total = 0
+    for verifier in verifiers:
+        ref = [generate_ar(model, [p], max_new_tokens, verifier=verifier).tokens[0] for p in prompts]
+        assert all(len(r) == max_new_tokens for r in ref)
+        assert generate_ar(model, prompts, max_new_tokens, verifier=verifier).tokens == ref, \
+            f"padded-batch AR differs from per-row AR ({verifier})"
+        for k in draft_lens:
+            batch = generate_speculative(model, prompts, max_new_tokens, verifier=verifier, draft_len=k)
+            assert batch.tokens == ref, f"batched speculative differs from AR (verifier={verifier}, k={k})"
+            for p, r in zip(prompts, ref):
+                one = generate_speculative(model, [p], max_new_tokens, verifier=verifier, draft_len=k)
+                assert one.tokens == [r], f"speculative differs from AR (verifier={verifier}, k={k}, {p})"
+                total += sum(one.accepted[0])
+            total += sum(map(sum, batch.accepted))
+    return total
+
+
+class StubModel(nn.Module):
+    """Hand-written logits over V tokens. The state of a position is one-hot of its token x.
+
+    Verifier: the next token is always x + 1 (mod V). Factor (offset s, expert a) puts its mass on
+    ``tables[a][s - 1](x)``. Only the calls the decoders make are implemented."""
+
+    n_future, max_seq_len = 4, 64
+
+    def __init__(self, tables, log_w=(0.0,), V: int = 10, peak: float = 30.0):
+        super().__init__()
+        self.tables, self.V, self.peak = tables, V, peak
+        self.log_w = torch.tensor(log_w).log_softmax(-1)  # (r,)
+        self.rank = len(tables)
+        self.unembedding = nn.Parameter(torch.zeros(V, 1))
+
+    def _peaked(self, target: torch.Tensor) -> torch.Tensor:  # (...) -> (..., V)
+        return (self.peak * nn.functional.one_hot(target, self.V).float()).log_softmax(-1)
+
+    def forward(self, idx):
+        z = nn.functional.one_hot(idx, self.V).float()  # (B, T, V)
+        return z, [z] * self.n_future
+
+    def new_cache(self, batch, max_len):
+        return KVCache(1, batch, 1, max_len, 1, torch.device("cpu"), torch.float32)
+
+    def extend(self, idx, cache, pad_mask=None):
+        cache.prepare(torch.ones_like(idx, dtype=torch.bool) if pad_mask is None else pad_mask)  # bounds check
+        cache.advance(idx.shape[1])
+        return self(idx)
+
+    def router_logw(self, z):
+        return self.log_w.expand(*z.shape[:-1], self.rank)
+
+    def factor_logprobs(self, states, offsets):
+        x = states[0].argmax(-1)  # (...)
+        per = [torch.stack([self._peaked(table[s](x)) for table in self.tables], -2) for s in offsets]
+        return torch.stack(per, -3)  # (..., k, r, V)
+
+    def verifier_logprobs(self, z, states, verifier):
+        return self._peaked((z.argmax(-1) + 1) % self.V)
+
+
+def chain(offset_shift):
+    """Factor tables whose offset s predicts x + s + offset_shift(s) (mod 10); shift 0 is right."""
+    return [lambda x, s=s: (x + s + offset_shift(s)) % 10 for s in range(1, 5)]
+
+
+ALWAYS = chain(lambda s: 0)
+NEVER = chain(lambda s: 0 if s == 1 else 5)
+PARTLY = chain(lambda s: 0 if s <= 2 else 5)  # offset 2 right, offsets 3+ wrong: one draft per step
+
+
+def counts(gen) -> dict:
+    metric = SpecAcceptance(3)
+    metric.update(*gen.step_counts())
+    out = metric.compute()
+    return {"steps": int(metric.steps), "accepted": gen.accepted[0], "drafted": gen.drafted[0],
+            "histogram": out["histogram"].tolist(), "pos_accepted": metric.position_accepted.tolist(),
+            "pos_drafted": metric.position_drafted.tolist(), "tau": round(float(out["mean_acceptance_length"]), 5)}
+
+
+# ---- stubs: exact tokens and counts ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_stub_always_accepted(sampled):
+    s = Sampling(1.0) if sampled else Sampling()
+    gen = generate_speculative(StubModel([ALWAYS]), [[0]], 10, draft_len=3, sampling=s,
+                               generator=torch.Generator().manual_seed(0))
+    assert gen.tokens == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 0]]
+    # prefill gives 1 token; steps keep 3 + 1, 3 + 1, then 0 + 1 (one token left: nothing to draft)
+    assert counts(gen) == {"steps": 3, "accepted": [3, 3, 0], "drafted": [3, 3, 0], "histogram": [1, 0, 0, 2],
+                           "pos_accepted": [2, 2, 2], "pos_drafted": [2, 2, 2], "tau": 3.0}
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_stub_never_accepted(sampled):
+    s = Sampling(1.0) if sampled else Sampling()
+    gen = generate_speculative(StubModel([NEVER]), [[0]], 10, draft_len=3, sampling=s,
+                               generator=torch.Generator().manual_seed(0))
+    assert gen.tokens == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 0]]
+    assert counts(gen) == {"steps": 9, "accepted": [0] * 9, "drafted": [3, 3, 3, 3, 3, 3, 2, 1, 0],
+                           "histogram": [9, 0, 0, 0], "pos_accepted": [0, 0, 0], "pos_drafted": [8, 7, 6],
+                           "tau": 1.0}
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_stub_partly_accepted(sampled):
+    s = Sampling(1.0) if sampled else Sampling()
+    gen = generate_speculative(StubModel([PARTLY]), [[3]], 10, draft_len=3, sampling=s,
+                               generator=torch.Generator().manual_seed(0))
+    assert gen.tokens == [[4, 5, 6, 7, 8, 9, 0, 1, 2, 3]]
+    assert counts(gen) == {"steps": 5, "accepted": [1, 1, 1, 1, 0], "drafted": [3, 3, 3, 2, 0],
+                           "histogram": [1, 4, 0, 0], "pos_accepted": [4, 0, 0], "pos_drafted": [4, 4, 3],
+                           "tau": 1.8}
+
+
+def test_stub_posterior_conditions_on_the_verifier_token():
+    # expert 1 carries 90% of the router weight but is wrong everywhere after offset 1, where it also
+    # disagrees with the verifier; conditioning on c moves all the weight to expert 0, whose drafts are right
+    wrong = chain(lambda s: 6)
+    model = StubModel([ALWAYS, wrong], log_w=(math.log(0.1), math.log(0.9)))
+    gen = generate_speculative(model, [[0]], 9, draft_len=3)
+    assert gen.tokens == [[1, 2, 3, 4, 5, 6, 7, 8, 9]]
+    assert gen.accepted == [[3, 3]]
+    # a draft that ignored c would follow the heavier expert and never be accepted
+    flat = StubModel([wrong])
+    assert generate_speculative(flat, [[0]], 9, draft_len=3).accepted == [[0] * 8]
+
+
+def test_stub_batch_eos_and_rows_of_different_lengths():
+    model = StubModel([ALWAYS])
+    gen = generate_speculative(model, [[0], [5, 6, 7]], 10, draft_len=3, eos_id=4)
+    # row 0 reaches eos inside the first step's accepted drafts; row 1 sees eos after 7 tokens
+    assert gen.tokens == [[1, 2, 3, 4], [8, 9, 0, 1, 2, 3, 4]]
+    assert gen.accepted == [[3], [3, 2]]
+    ar = generate_ar(model, [[0], [5, 6, 7]], 10, eos_id=4)
+    assert ar.tokens == gen.tokens
+    streamed = [[], []]
+    generate_speculative(model, [[0], [5, 6, 7]], 10, draft_len=2,
+                         on_step=lambda new: [streamed[b].extend(t) for b, t in enumerate(new)])
+    assert streamed == [[2, 3, 4, 5, 6, 7, 8, 9, 0], [9, 0, 1, 2, 3, 4, 5, 6, 7]]  # the prefill token is not a step
+
+
+# ---- greedy parity on tiny random CPModels -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind,rank", list(itertools.product(["linear", "mlp", "block"], [1, 3])))
+def test_greedy_parity_with_ar(kind, rank):
+    model = tiny_model(kind, rank)
+    prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15]]
+    accepted = assert_greedy_parity(model, prompts, 20)
+    assert accepted > 0  # drafts were accepted (and, since tau < k + 1 here, also rejected)
+
+
+def test_prompt_too_long_is_refused():
+    with pytest.raises(ValueError, match="max_seq_len"):
+        generate_speculative(tiny_model(), [[1] * 60], 10)
+    with pytest.raises(ValueError, match="draft_len"):
+        generate_speculative(tiny_model(), [[1]], 10, draft_len=4)
+
+
+# ---- sampling exactness ----------------------------------------------------------------------------
+
+
+def exact_distribution(model, prompt: list[int], n_tokens: int, s: Sampling) -> dict[tuple, float]:
+    """P(x_1..x_n | prompt) under the warped verifier, by enumerating every continuation."""
+    V = model.unembedding.shape[0]
+    seqs = list(itertools.product(range(V), repeat=n_tokens))
+    idx = torch.tensor([prompt + list(x) for x in seqs])  # (V^n, P + n)
+    with torch.no_grad():
+        z, states = model(idx)
+        logp = warp_logprobs(model.verifier_logprobs(z, states, "marginal"), s)  # (V^n, P+n, V)
+    P = len(prompt)
+    steps = logp[:, P - 1: P - 1 + n_tokens].gather(-1, idx[:, P:, None]).squeeze(-1)  # (V^n, n)
+    return {x: float(v) for x, v in zip(seqs, steps.sum(-1).exp())}
+
+
+def chi_square(samples: list[tuple], probs: dict[tuple, float]) -> tuple[float, float]:
+    """Pearson's statistic over outcomes pooled until each bin expects >= 5, and its 0.999 critical
+    value (Wilson-Hilferty approximation of the chi-square quantile)."""
+    N, seen = len(samples), Counter(samples)
+    bins, obs, exp = [], 0, 0.0
+    for x in sorted(probs, key=probs.get):
+        obs, exp = obs + seen.get(x, 0), exp + N * probs[x]
+        if exp >= 5:
+            bins.append((obs, exp))
+            obs, exp = 0, 0.0
+    if exp > 0:
+        o, e = bins.pop()
+        bins.append((o + obs, e + exp))
+    stat = sum((o - e) ** 2 / e for o, e in bins)
+    df = len(bins) - 1
+    z = 3.090  # standard normal 0.999 quantile
+    return stat, df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def _sampled_outcomes(decode, model, prompt, n_tokens, rows, s, seed):
+    gen = decode(model, [prompt] * rows, n_tokens, sampling=s, generator=torch.Generator().manual_seed(seed))
+    return [tuple(t) for t in gen.tokens]
+
+
+SAMPLERS = [Sampling(1.0), Sampling(0.7, top_k=3), Sampling(1.3, top_p=0.8)]
+
+
+@pytest.mark.parametrize("s", SAMPLERS, ids=["t1", "t0.7-topk3", "t1.3-topp0.8"])
+def test_speculative_sampling_matches_the_verifier_distribution(s, monkeypatch):
+    model = tiny_model("mlp", rank=2, vocab=4, n_future=3, seed=1, max_seq_len=16)
+    with torch.no_grad():  # sharper, distinct factors, so drafts are often rejected and residuals matter
+        model.heads.weight.add_(torch.randn_like(model.heads.weight))
+    prompt, n_tokens, rows = [1, 2], 4, 12000
+    probs = exact_distribution(model, prompt, n_tokens, s)
+    spec = lambda *a, **kw: generate_speculative(*a, draft_len=2, **kw)  # noqa: E731
+    stat, crit = chi_square(_sampled_outcomes(spec, model, prompt, n_tokens, rows, s, 0), probs)
+    assert stat < crit, f"speculative sampling is off the verifier's distribution: chi2={stat:.1f} > {crit:.1f}"
+    stat, crit = chi_square(_sampled_outcomes(generate_ar, model, prompt, n_tokens, rows, s, 1), probs)
+    assert stat < crit, f"AR sampling is off the verifier's distribution: chi2={stat:.1f} > {crit:.1f}"
+    # the test has power: accepting every draft (a wrong rule) must fail it
+    monkeypatch.setattr(speculative, "acceptance_prob", lambda p, q: torch.ones_like(p))
+    stat, crit = chi_square(_sampled_outcomes(spec, model, prompt, n_tokens, rows, s, 0), probs)
+    assert stat > crit, f"a wrong acceptance rule went unnoticed: chi2={stat:.1f} <= {crit:.1f}"
+
+
+def test_sampling_helpers():
+    logp = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    kept = warp_logprobs(logp, Sampling(1.0, top_k=2)).exp()
+    assert torch.allclose(kept, torch.tensor([0.625, 0.375, 0, 0]))
+    kept = warp_logprobs(logp, Sampling(1.0, top_p=0.8)).exp()  # 0.5 + 0.3 reaches 0.8: two tokens
+    assert torch.allclose(kept, torch.tensor([0.625, 0.375, 0, 0]))
+    assert torch.allclose(warp_logprobs(logp, Sampling(0.5)).exp(), (logp * 2).softmax(-1))
+    res = residual_logprobs(logp, torch.tensor([0.25, 0.25, 0.25, 0.25]).log()).exp()
+    assert torch.allclose(res, torch.tensor([0.25, 0.05, 0, 0]) / 0.3)
+    assert torch.allclose(residual_logprobs(logp, logp), logp)  # nothing left: fall back to p
+    draws = sample(logp.expand(40000, 4), torch.Generator().manual_seed(0))
+    assert torch.allclose(torch.bincount(draws, minlength=4) / 40000.0, logp.exp(), atol=0.01)
+
+
+# ---- metrics, teacher-forced estimate, benchmark -----------------------------------------------------
+
+
+def test_metric_compute_on_hand_written_counts():
+    metric = SpecAcceptance(3)
+    metric.update(torch.tensor([3, 0, 1]), torch.tensor([3, 3, 3]))
+    metric.update(torch.tensor([2, 1]), torch.tensor([3, 2]))
+    out = metric.compute()
+    assert int(metric.drafted) == 14 and int(metric.accepted) == 7 and int(metric.steps) == 5
+    assert int(metric.emitted) == 12
+    assert out["acceptance_rate"].item() == pytest.approx(7 / 14)
+    assert out["mean_acceptance_length"].item() == pytest.approx(12 / 5)
+    assert out["per_position"].tolist() == pytest.approx([4 / 5, 2 / 5, 1 / 4])
+    assert out["histogram"].tolist() == [1, 2, 1, 1]
+    metric.reset()
+    assert metric.compute()["mean_acceptance_length"].item() == 0.0
+
+
+@pytest.mark.parametrize("tables,tau", [(ALWAYS, 4.0), (PARTLY, 2.0), (NEVER, 1.0)])
+def test_teacher_forced_estimate_on_stub(tables, tau):
+    model = StubModel([tables])
+    windows = (torch.arange(20)[None] + torch.tensor([[0], [3], [7]])) % 10  # (3, 20), the verifier's chain
+    for chunk in (1 << 23, 1):  # chunking does not change the answer
+        out = teacher_forced_acceptance(model, windows, draft_len=3, chunk_elems=chunk)
+        assert out["mean_acceptance_length"].item() == pytest.approx(tau)
+        assert out["acceptance_rate"].item() == pytest.approx((tau - 1) / 3)
+
+
+def test_benchmark_reports_and_plots(tmp_path):
+    model = tiny_model()
+    prompts = [[1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    result = run_benchmark(model, prompts, max_new_tokens=12, batch_size=2, verifier="marginal", draft_len=0,
+                           sampled=True)
+    assert result["identical"] is True
+    assert result["draft_len"] == 3 and len(result["per_position"]) == 3 and len(result["histogram"]) == 4
+    assert 1.0 <= result["mean_acceptance_length"] <= 4.0 and result["speedup"] > 0
+    assert 1.0 <= result["sampled_mean_acceptance_length"] <= 4.0
+    assert "spec_tokens_per_s" in format_table(result)
+    png = tmp_path / "per_position.png"
+    plot_per_position(result, str(png))
+    assert png.read_bytes()[:4] == b"\x89PNG" and list(tmp_path.iterdir()) == [png]
+
+
+# ---- the Lightning callback --------------------------------------------------------------------------
+
+
+def test_callback_logs_acceptance_in_a_real_trainer(tmp_path):
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from torch.utils.data import DataLoader
+
+    from callbacks import SpecAcceptanceCallback
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = tiny_model()
+
+        def _loss(self, window):
+            z, states = self.model(window[:, :16])
+            logp = self.model.verifier_logprobs(z, states, "marginal")  # (B, 16, V)
+            return nn.functional.nll_loss(logp.flatten(0, 1), window[:, 1:17].flatten())
+
+        def training_step(self, batch, batch_idx):
+            return self._loss(batch)
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val/loss", self._loss(batch))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+    class Data(pl.LightningDataModule):
+        windows = torch.randint(0, 50, (8, 20))  # (B, T + n_future)
+
+        def train_dataloader(self):
+            return DataLoader(self.windows, batch_size=4)
+
+        def val_dataloader(self):
+            return DataLoader(self.windows, batch_size=4)
+
+        def val_prompts(self, n, length):
+            return self.windows[:n, :length]
+
+    cb = SpecAcceptanceCallback(every_n_val=2, n_prompts=3, prompt_len=6, max_new_tokens=8, sampled=True)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="spec/mean_acceptance_length", mode="max")
+    trainer = pl.Trainer(accelerator="cpu", max_steps=3, val_check_interval=1, limit_val_batches=1,
+                         num_sanity_val_steps=1, logger=TensorBoardLogger(tmp_path), callbacks=[cb, ckpt],
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(Module(), datamodule=Data())
+    assert cb._validations == 3  # the sanity check is not counted; decoding ran at validations 1 and 3
+    metrics = trainer.callback_metrics
+    for key in ["spec/acceptance_rate", "spec/mean_acceptance_length", "spec/acceptance_rate_pos1",
+                "spec/acceptance_rate_pos3", "spec/sampled_mean_acceptance_length", "spec/tf_mean_acceptance_length",
+                "spec/tf_acceptance_rate"]:
+        assert key in metrics, key
+    assert 1.0 <= float(metrics["spec/mean_acceptance_length"]) <= 4.0
+    assert ckpt.best_model_score is not None
+    assert list(tmp_path.glob("lightning_logs/version_0/events.out.tfevents.*"))

@@ -18,7 +18,15 @@ from torchmetrics.text import Perplexity
 from mtp_lightning.config import Config, OptimConfig
 from mtp_lightning.cp_loss import cp_objective, mixture_health
 from mtp_lightning.data.packing import split_window
+from mtp_lightning.errors import UserError
 from mtp_lightning.model.cp_model import CPModel
+
+
+class NonFiniteLoss(UserError):
+    def __init__(self, step: int, checkpoint: str):
+        super().__init__(f"the loss is NaN or infinite at step {step}; no weights were updated with it and no "
+                         f"checkpoint was written after it. Last good checkpoint: {checkpoint}. Resume from it "
+                         f"with a lower optim.lr, or set trainer.on_nonfinite=skip to skip such batches")
 
 
 class CPLightningModule(L.LightningModule):
@@ -72,13 +80,25 @@ class CPLightningModule(L.LightningModule):
 
     def training_step(self, window: torch.Tensor, batch_idx: int):
         _, _, _, _, terms = self._terms(window)
-        if self.cfg.trainer.on_nonfinite == "skip" and not torch.isfinite(terms.loss):
-            # skipping must be decided on every rank alike, or DDP would wait forever
-            self.nonfinite_skips += 1
-            self.log("train/nonfinite_skips", float(self.nonfinite_skips))
-            return None
+        finite = bool(torch.isfinite(terms.loss))
+        if self.trainer.world_size > 1:
+            # decided by every rank alike, or one rank skipping/stopping would leave the others waiting
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
+            if self.cfg.trainer.on_nonfinite == "skip":
+                self.nonfinite_skips += 1
+                self.log("train/nonfinite_skips", float(self.nonfinite_skips))
+                return None  # Lightning skips the backward and the optimizer step
+            raise NonFiniteLoss(self.global_step, self._last_checkpoint())
         self._log_terms("train", terms, window.shape[0])
         return terms.loss
+
+    def _last_checkpoint(self) -> str:
+        for cb in self.trainer.checkpoint_callbacks:
+            path = getattr(cb, "last_model_path", "") or getattr(cb, "best_model_path", "")
+            if path:
+                return path
+        return "none yet"
 
     def _eval_step(self, stage: str, window: torch.Tensor) -> torch.Tensor:
         inputs, targets, z, states, terms = self._terms(window)

@@ -125,12 +125,13 @@ def build_callbacks(cfg: Config, paths: RunPaths, n_future: int) -> list:
                         filename="best-step{step:07d}", auto_insert_metric_name=False,
                         save_on_train_epoch_end=False),
         LearningRateMonitor(logging_interval="step"),
-        ThroughputMonitor(batch_size_fn=lambda w: w.shape[0], length_fn=lambda w: w.shape[1] - n_future),
+        ThroughputMonitor(batch_size_fn=lambda w: w.shape[0], length_fn=lambda w: w.shape[0] * (w.shape[1] - n_future),
+                          window_size=max(2, cfg.trainer.log_every_n_steps)),
         MixtureHistogramCallback(every_n_steps=cfg.trainer.log_every_n_steps),
         GracefulStopCallback(),
     ]
     if cfg.spec.every_n_val > 0:
-        callbacks.append(SpecAcceptanceCallback(cfg.spec))
+        callbacks.append(SpecAcceptanceCallback.from_config(cfg.spec))
     return callbacks
 
 
@@ -150,6 +151,7 @@ def build_trainer(cfg: Config, paths: RunPaths | None, n_future: int) -> L.Train
         accelerator=t.accelerator, devices=t.devices, strategy=build_strategy(cfg), precision=resolve_precision(cfg),
         max_steps=t.max_steps, max_epochs=-1, val_check_interval=t.val_check_interval,
         check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches,
+        limit_test_batches=t.limit_val_batches,
         log_every_n_steps=t.log_every_n_steps, accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=cfg.optim.grad_clip or None, num_sanity_val_steps=t.num_sanity_val_steps,
         logger=logger, callbacks=callbacks, enable_progress_bar=t.progress_bar,

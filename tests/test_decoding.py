@@ -113,6 +113,9 @@ class StubModel(nn.Module):
     def verifier_logprobs(self, z, states, verifier):
         return self._peaked((z.argmax(-1) + 1) % self.V)
 
+    def verifier_and_factors(self, z, states, verifier):
+        return self.verifier_logprobs(z, states, verifier), None
+
 
 def chain(offset_shift):
     """Factor tables whose offset s predicts x + s + offset_shift(s) (mod 10); shift 0 is right."""
@@ -205,6 +208,21 @@ def test_greedy_parity_with_ar(kind, rank):
     prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15]]
     accepted = assert_greedy_parity(model, prompts, 20)
     assert accepted > 0  # drafts were accepted (and, since tau < k + 1 here, also rejected)
+
+
+def test_ranks_that_finish_early_keep_stepping_until_all_are_done():
+    model = tiny_model()
+    prompts = [[1, 2, 3], [4, 5]]
+    plain = generate_speculative(model, prompts, 12)
+    votes = []
+
+    def sync_done(local_done: bool) -> bool:  # another rank needs two more steps than this one
+        votes.append(local_done)
+        return sum(votes) == 3
+
+    synced = generate_speculative(model, prompts, 12, sync_done=sync_done)
+    assert synced.tokens == plain.tokens and synced.accepted == plain.accepted
+    assert synced.steps == plain.steps + 2  # the padding passes decode nothing and count nothing
 
 
 def test_prompt_too_long_is_refused():

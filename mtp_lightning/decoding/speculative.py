@@ -25,7 +25,9 @@ tokens masked as padding) and cropped back to empty after every pass, so it cost
 and never touches other rows.
 
 The model needs: ``n_future``, ``max_seq_len``, ``new_cache``, ``extend``, ``router_logw``,
-``factor_logprobs`` and ``verifier_logprobs`` (see ``CPModel``), and the cache ``lengths``/``crop``.
+``factor_logprobs`` and ``verifier_and_factors`` (see ``CPModel``), and the cache ``lengths``/``crop``.
+With the ``marginal`` verifier the offset-1 factors of the accepted position come from the
+verification pass, so a draft computes offsets 2..k+1 only.
 
 Shape legend: B batch, k draft length, r experts, D width, V vocabulary.
 """
@@ -67,25 +69,36 @@ def resolve_draft_len(model, draft_len: int) -> int:
     return k
 
 
-def draft(model, zt: torch.Tensor, st: list[torch.Tensor], c: torch.Tensor, ks: int, sampling: Sampling,
-          generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """ks draft tokens (B, ks) after c (B,), and their (warped) draft log-probs (B, ks, V) when sampling."""
+def draft(model, zt: torch.Tensor, st: list[torch.Tensor], lp1: torch.Tensor | None, c: torch.Tensor, ks: int,
+          sampling: Sampling, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """ks draft tokens (B, ks) after c (B,), and their (warped) draft log-probs (B, ks, V) when sampling.
+
+    ``lp1`` (B, r, V) are the offset-1 factors at this position when the verifier already built them
+    (the ``marginal`` verifier); then only offsets 2..ks+1 are computed here."""
     B = c.shape[0]
     if ks == 0:
         return c.new_empty(B, 0), None
-    lf = model.factor_logprobs(st, range(ks + 1))  # (B, ks+1, r, V): offsets 1..ks+1, one position
+    if lp1 is None:
+        lf = model.factor_logprobs(st, range(ks + 1))  # (B, ks+1, r, V): offsets 1..ks+1, one position
+        lp1, lf = lf[:, 0], lf[:, 1:]
+    else:
+        lf = model.factor_logprobs(st, range(1, ks + 1))  # (B, ks, r, V): offsets 2..ks+1
     r = lf.shape[-2]
 
     def pick(lp_s: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:  # (B, r, V), (B,) -> (B, r)
         return lp_s.gather(-1, tok.view(B, 1, 1).expand(B, r, 1)).squeeze(-1)
 
-    logpi = model.router_logw(zt) + pick(lf[:, 0], c)  # (B, r), unnormalised posterior after c
+    logpi = model.router_logw(zt) + pick(lp1, c)  # (B, r), unnormalised posterior after c
+    # the mixture is summed in probability space: one exp for all offsets, then a (1, r) @ (r, V)
+    # product per draft, instead of a logsumexp over experts per draft
+    probs = lf.exp() if r > 1 else None  # (B, ks, r, V)
     tokens, logqs = [], []
     for s in range(1, ks + 1):
         if r == 1:  # one expert: no posterior, q_s is the factor itself
-            logq = lf[:, s, 0]  # (B, V)
+            logq = lf[:, s - 1, 0]  # (B, V)
         else:
-            logq = torch.logsumexp(logpi.log_softmax(-1)[:, :, None] + lf[:, s], dim=1)  # (B, V)
+            q = (logpi.softmax(-1)[:, None, :] @ probs[:, s - 1]).squeeze(1)  # (B, V)
+            logq = q if sampling.greedy else q.log()  # greedy only needs the argmax
         if sampling.greedy:
             d = logq.argmax(-1)  # (B,)
         else:
@@ -94,7 +107,7 @@ def draft(model, zt: torch.Tensor, st: list[torch.Tensor], c: torch.Tensor, ks: 
             logqs.append(logq)
         tokens.append(d)
         if r > 1 and s < ks:
-            logpi = logpi + pick(lf[:, s], d)
+            logpi = logpi + pick(lf[:, s - 1], d)
     return torch.stack(tokens, 1), (torch.stack(logqs, 1) if logqs else None)  # (B, ks), (B, ks, V)
 
 
@@ -165,7 +178,8 @@ def generate_speculative(model, prompts, max_new_tokens: int, *, pad_mask: torch
         cache = model.new_cache(B, slots)
         z, states = model.extend(idx, cache, pad_mask)  # (B, T, D)
         zt, st = last_position(z, states)
-        c = choose(model.verifier_logprobs(zt, st, verifier), sampling, generator)  # (B,)
+        logp, lp1 = model.verifier_and_factors(zt, st, verifier)  # (B, V), (B, r, V) or None
+        c = choose(logp, sampling, generator)  # (B,)
         first = c.tolist()
         sync(device)
         t_prefill = time.perf_counter() - t0
@@ -190,15 +204,16 @@ def generate_speculative(model, prompts, max_new_tokens: int, *, pad_mask: torch
                 pos = torch.arange(ks + 1, device=device)[None]  # (1, ks+1)
                 allow = pos[:, :-1] < kr  # (B, ks)
                 feed_mask = (pos <= kr) & alive_t[:, None]  # (B, ks+1): the rest is padding
-            drafts, logq = draft(model, zt, st, c, ks, sampling, generator)  # (B, ks)
+            drafts, logq = draft(model, zt, st, lp1, c, ks, sampling, generator)  # (B, ks)
             fed = torch.cat([c[:, None], drafts], 1)  # (B, ks+1)
             z, states = model.extend(fed, cache, feed_mask)  # (B, ks+1, D)
-            logp = model.verifier_logprobs(z, states, verifier)  # (B, ks+1, V)
+            logp, lp1 = model.verifier_and_factors(z, states, verifier)  # (B, ks+1, V), (B, ks+1, r, V)
             m, c = verify(logp, drafts, logq, allow, sampling, generator)  # (B,), (B,)
             # keep c's slot and the m accepted drafts' slots; the verifier token c is fed next step
             kept = cache.lengths - ks + m  # (B,)
             cache.crop(kept if everyone else torch.where(alive_t, kept, 0))
             zt, st = _at(z, states, rows, m, k + 1)
+            lp1 = None if lp1 is None else lp1[rows, m]  # (B, r, V)
             host = torch.cat([drafts, m[:, None], c[:, None]], 1).tolist()  # (B, ks+2): one sync
             steps += 1
             new: list[list[int]] = [[] for _ in range(B)]

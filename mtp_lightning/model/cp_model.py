@@ -77,8 +77,15 @@ class CPModel(nn.Module):
         ``marginal``: sum_a w_a P_a^(1), the model's own offset-1 marginal (the paper's setting).
         ``lm_head``: a plain next-token head, softmax(U z).
         """
+        return self.verifier_and_factors(z, states, verifier)[0]
+
+    def verifier_and_factors(self, z: torch.Tensor, states: list[torch.Tensor], verifier: str
+                             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``verifier_logprobs`` (..., V) and, for ``marginal``, the offset-1 factors log P_a^(1)
+        (..., r, V) it is built from (None for ``lm_head``). Speculative decoding reuses them as the
+        first factor of its next draft instead of recomputing them."""
         if verifier == "lm_head":
-            return (z @ self.unembedding.T).float().log_softmax(-1)
+            return (z @ self.unembedding.T).float().log_softmax(-1), None
         logw = self.router_logw(z)  # (..., r)
         lp1 = self.factor_logprobs(states, range(1))[..., 0, :, :]  # (..., r, V)
-        return torch.logsumexp(logw[..., None] + lp1, dim=-2)  # (..., V)
+        return torch.logsumexp(logw[..., None] + lp1, dim=-2), lp1  # (..., V), (..., r, V)

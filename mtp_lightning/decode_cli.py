@@ -1,0 +1,162 @@
+"""The ``generate`` and ``bench`` commands: decoding from a checkpoint, and AR vs speculative side by side."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mtp_lightning.checkpoint_io import atomic_write_text, load_for_inference
+from mtp_lightning.errors import UserError
+
+
+def _check_args(args, model) -> None:
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
+    if not 0 <= args.draft_len <= model.n_future - 1:
+        raise UserError(f"--draft-len={args.draft_len} must be between 0 (auto) and n_future - 1 = "
+                        f"{model.n_future - 1} for this checkpoint")
+
+
+def _verifier(args, cfg) -> str:
+    return args.verifier or cfg.spec.verifier
+
+
+def generate(args) -> int:
+    from mtp_lightning.decoding import Sampling, generate_ar, generate_speculative
+    from mtp_lightning.decoding.metrics import SpecAcceptance
+    from mtp_lightning.decoding.speculative import resolve_draft_len
+
+    model, tok, cfg = load_for_inference(args.ckpt)
+    _check_args(args, model)
+    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+        raise UserError(f"--temperature={args.temperature} must be >= 0, --top-k={args.top_k} >= 0 and "
+                        f"--top-p={args.top_p} in (0, 1]")
+    ids = tok.encode(args.prompt)
+    if not ids:
+        raise UserError("--prompt is empty; give at least one character of text")
+    budget = model.max_seq_len - len(ids) - model.n_future
+    if budget < 1:
+        raise UserError(f"the prompt has {len(ids)} tokens; this model's context is {model.max_seq_len}: "
+                        f"shorten the prompt")
+    max_new = min(args.max_new_tokens, budget)
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    generator = torch.Generator().manual_seed(args.seed)
+    verifier = _verifier(args, cfg)
+
+    printed = [""]
+
+    def stream(new_rows: list[list[int]]) -> None:
+        stream.ids += new_rows[0]
+        text = tok.decode(stream.ids)
+        if not args.json and not text.endswith("\ufffd"):  # wait for a whole UTF-8 character
+            sys.stdout.write(text[len(printed[0]):])
+            sys.stdout.flush()
+            printed[0] = text
+
+    stream.ids = []
+    if not args.json:
+        sys.stdout.write(args.prompt)
+    if args.mode == "ar":
+        out = generate_ar(model, [ids], max_new, verifier=verifier, sampling=sampling, generator=generator)
+        stream(out.tokens)
+        stats = {}
+    else:
+        k = resolve_draft_len(model, args.draft_len)
+        out = generate_speculative(model, [ids], max_new, verifier=verifier, draft_len=k, sampling=sampling,
+                                   generator=generator, on_step=stream)
+        metric = SpecAcceptance(k)
+        metric.update(*out.step_counts())
+        m = metric.compute()
+        stats = {"acceptance_rate": float(m["acceptance_rate"]),
+                 "mean_acceptance_length": float(m["mean_acceptance_length"]),
+                 "per_position": [float(x) for x in m["per_position"]]}
+    tokens = out.tokens[0]
+    result = {"text": tok.decode(tokens), "tokens": tokens, "mode": args.mode,
+              "tokens_per_s": len(tokens) / max(out.seconds, 1e-9),
+              "acceptance_rate": stats.get("acceptance_rate"),
+              "mean_acceptance_length": stats.get("mean_acceptance_length"),
+              "per_position": stats.get("per_position")}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        sys.stdout.write(tok.decode(tokens)[len(printed[0]):] + "\n")
+        line = f"[{args.mode}] {len(tokens)} tokens, {result['tokens_per_s']:.1f} tokens/s"
+        if stats:
+            per = " ".join(f"{x:.2f}" for x in stats["per_position"])
+            line += (f", acceptance rate {stats['acceptance_rate']:.3f}, mean acceptance length "
+                     f"{stats['mean_acceptance_length']:.2f}, per position [{per}]")
+        print(line, file=sys.stderr)
+    return 0
+
+
+def heldout_bits_per_byte(model, dm, max_batches: int = 8) -> dict:
+    """The model's next-token bits per byte on held-out windows, and gzip -9's on the whole held-out split."""
+    import numpy as np
+
+    from mtp_lightning.cp_loss import cp_objective
+    from mtp_lightning.data.packing import split_window
+
+    token_bytes = dm.tokenizer.token_bytes().float()
+    nats, nbytes = 0.0, 0.0
+    with torch.inference_mode():
+        for _, window in zip(range(max_batches), dm.val_dataloader()):
+            inputs, targets = split_window(window, model.n_future)
+            z, states = model(inputs)
+            terms = cp_objective(model.heads, z, states, model.unembedding, targets, model.cfg.loss)
+            nats += float(terms.token_nll.sum())
+            nbytes += float(token_bytes[targets[..., 0]].sum())
+    ids = np.load(dm.split_path("val")).tolist()
+    text = dm.tokenizer.decode([i for i in ids if i != dm.tokenizer.eot_id]).encode("utf-8")
+    return {"val_bits_per_byte": nats / math.log(2) / max(nbytes, 1.0),
+            "gzip_bits_per_byte": 8 * len(gzip.compress(text, 9)) / max(len(text), 1)}
+
+
+def _load_prompts(args, dm, tok, model) -> list[list[int]]:
+    if args.prompts == "val":
+        return dm.val_prompts(args.n_prompts, args.prompt_len).tolist()
+    path = Path(args.prompts)
+    if not path.is_file():
+        raise UserError(f"--prompts '{args.prompts}' is neither 'val' nor an existing file; pass a text file "
+                        f"with one prompt a line")
+    lines = [ln for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+    if not lines:
+        raise UserError(f"--prompts file '{path}' holds no prompt; write one prompt a line")
+    return [tok.encode(ln)[-(model.max_seq_len // 2):] for ln in lines[: args.n_prompts]]
+
+
+def bench(args) -> int:
+    from mtp_lightning.checkpoint_io import safe_load, META_KEY
+    from mtp_lightning.data import build_datamodule
+    from mtp_lightning.data.tokenizer import Tokenizer
+    from mtp_lightning.decoding.bench import format_table, plot_per_position, run_benchmark
+
+    model, tok, cfg = load_for_inference(args.ckpt)
+    _check_args(args, model)
+    if args.n_prompts < 1 or args.batch_size < 1 or args.prompt_len < 1:
+        raise UserError("--n-prompts, --batch-size and --prompt-len must be >= 1")
+    if args.prompt_len + args.max_new_tokens + model.n_future > model.max_seq_len:
+        raise UserError(f"--prompt-len {args.prompt_len} + --max-new-tokens {args.max_new_tokens} exceeds this "
+                        f"model's context of {model.max_seq_len} tokens; lower one of them")
+    dm = build_datamodule(cfg.data, cfg.tokenizer, model.n_future, cfg.run.seed)
+    dm.set_tokenizer(Tokenizer.from_json(safe_load(args.ckpt)[META_KEY]["tokenizer"]))
+    dm.prepare_corpus()
+    prompts = _load_prompts(args, dm, tok, model)
+    t0 = time.perf_counter()
+    result = run_benchmark(model, prompts, args.max_new_tokens, batch_size=args.batch_size,
+                           verifier=_verifier(args, cfg), draft_len=args.draft_len, sampled=args.sampled)
+    result.update(heldout_bits_per_byte(model, dm))
+    result.update({"checkpoint": str(args.ckpt), "threads": torch.get_num_threads(),
+                   "wall_s": time.perf_counter() - t0})
+    print(format_table(result))
+    if args.json:
+        out = Path(args.json)
+        atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+        plot_per_position(result, str(out.with_suffix(".png")))
+        print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0 if result["identical"] else 1

@@ -1,0 +1,97 @@
+"""End to end: an in-process ``fit`` on the smoke preset, its run directory, TensorBoard, and resume."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from mtp_lightning.cli import main
+
+CONF = str(Path(__file__).resolve().parent.parent / "conf" / "smoke.yaml")
+FAST = ["trainer.progress_bar=false", "trainer.max_steps=12", "trainer.val_check_interval=6",
+        "checkpoint.every_n_steps=6", "trainer.log_every_n_steps=2"]
+
+
+def tb_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    ea = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "histograms": 0})
+    ea.Reload()
+    out = {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]}
+    out["__histograms__"] = ea.Tags()["histograms"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    code = main(["fit", "--config", CONF, f"run.root={root}", "run.name=smoke", *FAST])
+    assert code == 0
+    return root / "smoke"
+
+
+def test_run_directory_layout(smoke_run):
+    assert (smoke_run / "config.yaml").is_file() and (smoke_run / "tokenizer.json").is_file()
+    ckpts = sorted(p.name for p in (smoke_run / "checkpoints").glob("*.ckpt"))
+    assert "last.ckpt" in ckpts and any(n.startswith("best-") for n in ckpts)
+    assert list((smoke_run / "tensorboard").glob("events.out.tfevents.*"))
+    saved = torch.load(smoke_run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 12
+    assert saved["mtp_lightning"]["config"]["model"]["heads"]["rank"] == 2
+
+
+def test_tensorboard_has_every_metric(smoke_run):
+    tags = tb_scalars(smoke_run)
+    expected = ["train/loss", "train/joint_nll_per_token", "train/next_token_nll", "train/balance_loss",
+                "train/offset1_nll", "train/offset3_nll", "train/router_entropy", "train/dead_experts",
+                "train/expert0_weight", "train/expert1_wins", "val/loss", "val/joint_nll_per_token",
+                "val/next_token_nll", "val/ppl", "val/bits_per_byte", "val/offset2_nll",
+                "train/device/items_per_sec", "spec/mean_acceptance_length", "spec/acceptance_rate",
+                "spec/tf_mean_acceptance_length"]
+    missing = [t for t in expected if t not in tags]
+    assert not missing, missing
+    assert any(t.startswith("lr-") for t in tags)
+    assert "train/expert_use" in tags["__histograms__"]
+    # perplexity and bits per byte describe the same NLL
+    (step, ppl), = tags["val/ppl"][-1:]
+    assert ppl > 1.0 and tags["val/bits_per_byte"][-1][1] > 0.5
+
+
+def test_resume_continues_steps_and_curves(smoke_run):
+    code = main(["fit", "--config", CONF, "--resume", "last", f"run.root={smoke_run.parent}", "run.name=smoke",
+                 *FAST[:-3], "trainer.max_steps=18", "trainer.val_check_interval=6", "checkpoint.every_n_steps=6",
+                 "trainer.log_every_n_steps=2"])
+    assert code == 0
+    saved = torch.load(smoke_run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 18
+    steps = [s for s, _ in tb_scalars(smoke_run)["train/loss"]]
+    assert steps == sorted(steps) and steps[-1] == 17 and len(steps) == len(set(steps))
+
+
+def test_existing_run_is_not_overwritten(smoke_run, capsys):
+    before = sorted((p.name, p.stat().st_mtime) for p in (smoke_run / "checkpoints").iterdir())
+    code = main(["fit", "--config", CONF, f"run.root={smoke_run.parent}", "run.name=smoke", *FAST])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "run 'smoke' already exists" in err and "--resume last" in err
+    assert sorted((p.name, p.stat().st_mtime) for p in (smoke_run / "checkpoints").iterdir()) == before
+
+
+def test_validate_and_test_commands(smoke_run, capsys):
+    ckpt = str(smoke_run / "checkpoints" / "last.ckpt")
+    for command, prefix in (("validate", "val/"), ("test", "test/")):
+        assert main([command, "--ckpt", ckpt, "trainer.progress_bar=false", "trainer.limit_val_batches=2"]) == 0
+        out = capsys.readouterr().out
+        assert f"{prefix}bits_per_byte" in out and f"{prefix}next_token_nll" in out
+
+
+def test_resume_with_nothing_to_resume(tmp_path, capsys):
+    code = main(["fit", "--config", CONF, "--resume", "last", f"run.root={tmp_path}", "run.name=ghost"])
+    assert code == 2
+    assert "nothing to resume: run 'ghost' does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "ghost").exists()
+
+
+def test_print_config_applies_overrides(capsys):
+    assert main(["fit", "--config", CONF, "--print-config", "model.heads.rank=7"]) == 0
+    out = capsys.readouterr().out
+    assert "rank: 7" in out and "n_future: 3" in out

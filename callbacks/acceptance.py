@@ -136,10 +136,10 @@ class SpecAcceptanceCallback(pl.Callback):
         histograms: dict[str, torch.Tensor] = {}
         for prefix, gen in runs:
             metric = SpecAcceptance(k).to(device)
+            sampling = Sampling(1.0) if gen is not None else Sampling()
             with torch.inference_mode():
                 result = generate_speculative(model, prompts, self.max_new_tokens, verifier=self.verifier,
-                                              draft_len=k, sampling=Sampling(1.0) if gen else Sampling(),
-                                              generator=gen, sync_done=sync_done)
+                                              draft_len=k, sampling=sampling, generator=gen, sync_done=sync_done)
             metric.update(*result.step_counts())
             stats = metric.compute()  # sums across ranks
             out[f"{prefix}acceptance_rate"] = stats["acceptance_rate"]

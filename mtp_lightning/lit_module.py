@@ -8,6 +8,7 @@ decode, and loading one never needs to unpickle objects (see ``checkpoint_io.py`
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import lightning as L
@@ -49,7 +50,11 @@ class CPLightningModule(L.LightningModule):
         n = self.model.n_future
         inputs, targets = split_window(window, n)  # (B, T), (B, T, n)
         z, states = self.model(inputs)  # (B, T, D), n x (B, T, D)
-        terms = cp_objective(self.model.heads, z, states, self.model.unembedding, targets, self.cfg.model.loss)
+        loss_cfg = self.cfg.model.loss
+        if not self.training and loss_cfg.position_fraction < 1.0:
+            # evaluation sees every position: exact metrics, and no draws from the training RNG
+            loss_cfg = dataclasses.replace(loss_cfg, position_fraction=1.0)
+        terms = cp_objective(self.model.heads, z, states, self.model.unembedding, targets, loss_cfg)
         return inputs, targets, z, states, terms
 
     def _log_terms(self, stage: str, terms, batch_size: int) -> None:
@@ -168,3 +173,40 @@ class CPLightningModule(L.LightningModule):
         from mtp_lightning.checkpoint_io import add_run_metadata
 
         add_run_metadata(checkpoint, self.cfg, self.trainer.datamodule.tokenizer)
+        checkpoint["rng_states"] = rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "rng_states" in checkpoint:
+            set_rng_states(checkpoint["rng_states"])
+
+
+def rng_states() -> dict:
+    """Every library's RNG state as tensors and numbers, so ``weights_only`` loading can read it back."""
+    import random
+
+    import numpy as np
+
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {
+        "python": [version, torch.tensor(internal, dtype=torch.int64), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    import random
+
+    import numpy as np
+
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(int(x) for x in internal.tolist()), gauss))
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

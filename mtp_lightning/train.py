@@ -38,9 +38,9 @@ class RunPaths:
         return self.root / "tokenizer.json"
 
 
-def resolve_resume(resume: str, files: list[str], overrides: list[str]) -> tuple[Config, Path, Path]:
+def resolve_resume(resume: str, files: list[str], overrides: list[str]) -> tuple[Config, Path, Path, dict]:
     """For ``--resume last|PATH``: the saved config with this invocation's files and overrides on top,
-    the run directory, and the checkpoint to continue from."""
+    the run directory, the checkpoint to continue from, and its contents."""
     if resume == "last":
         base = load_config(files, overrides)  # only to learn run.root / run.name
         run_dir = Path(base.run.root) / base.run.name
@@ -54,7 +54,7 @@ def resolve_resume(resume: str, files: list[str], overrides: list[str]) -> tuple
     ckpt = safe_load(ckpt_path)
     cfg = load_config(files, overrides, base=ckpt[META_KEY]["config"])
     cfg.run.root, cfg.run.name = str(run_dir.parent), run_dir.name
-    return cfg, run_dir, ckpt_path
+    return cfg, run_dir, ckpt_path, ckpt
 
 
 def check_devices(cfg: Config) -> None:
@@ -185,11 +185,11 @@ def build_data_and_module(cfg: Config, tokenizer_json: str | None = None):
 
 def fit(files: list[str], overrides: list[str], resume: str | None = None) -> tuple[Path, object]:
     """Train (or continue) a run; returns the run directory and the graceful-stop record."""
-    ckpt_path = None
+    ckpt_path, ckpt = None, None
     tokenizer_json = None
     if resume:
-        cfg, run_dir, ckpt_path = resolve_resume(resume, files, overrides)
-        tokenizer_json = safe_load(ckpt_path)[META_KEY]["tokenizer"]
+        cfg, run_dir, ckpt_path, ckpt = resolve_resume(resume, files, overrides)
+        tokenizer_json = ckpt[META_KEY]["tokenizer"]
     else:
         cfg = load_config(files, overrides)
         run_dir = Path(cfg.run.root) / cfg.run.name
@@ -199,6 +199,12 @@ def fit(files: list[str], overrides: list[str], resume: str | None = None) -> tu
     check_devices(cfg)
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     dm, module, tok = build_data_and_module(cfg, tokenizer_json)
+    if ckpt is not None:
+        from mtp_lightning.checkpoint_io import load_state
+
+        # refuse an architecture change up front, with one line instead of Lightning's traceback
+        load_state(module, ckpt["state_dict"], ckpt_path)
+        del ckpt
     paths = RunPaths(run_dir)
     if not is_launched_child():
         paths.checkpoints.mkdir(parents=True, exist_ok=True)

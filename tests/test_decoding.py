@@ -50,12 +50,13 @@ def tiny_model(kind: str = "mlp", rank: int = 3, vocab: int = 50, n_future: int 
 
 
 def assert_greedy_parity(model, prompts: list[list[int]], max_new_tokens: int,
-                         verifiers=("marginal", "lm_head"), draft_lens=None) -> int:
+                         verifiers=("marginal", "lm_head"), draft_lens=None) -> tuple[int, int]:
     """Greedy speculative decoding == greedy AR token for token: per row and as one left-padded batch,
     for every draft length and verifier. Padded-batch AR must also equal per-row AR. Returns the
-    accepted drafts summed over all runs, so a caller can check drafts were accepted at all."""
+    accepted and the drafted tokens summed over all runs, so a caller can check that the run took
+    both the accept and the reject paths."""
     draft_lens = draft_lens or range(1, model.n_future)
-    total = 0
+    accepted = drafted = 0
     for verifier in verifiers:
         ref = [generate_ar(model, [p], max_new_tokens, verifier=verifier).tokens[0] for p in prompts]
         assert all(len(r) == max_new_tokens for r in ref)
@@ -67,9 +68,10 @@ def assert_greedy_parity(model, prompts: list[list[int]], max_new_tokens: int,
             for p, r in zip(prompts, ref):
                 one = generate_speculative(model, [p], max_new_tokens, verifier=verifier, draft_len=k)
                 assert one.tokens == [r], f"speculative differs from AR (verifier={verifier}, k={k}, {p})"
-                total += sum(one.accepted[0])
-            total += sum(map(sum, batch.accepted))
-    return total
+            for gen in (batch, one):
+                accepted += sum(map(sum, gen.accepted))
+                drafted += sum(map(sum, gen.drafted))
+    return accepted, drafted
 
 
 class StubModel(nn.Module):
@@ -133,7 +135,8 @@ def counts(gen) -> dict:
     out = metric.compute()
     return {"steps": int(metric.steps), "accepted": gen.accepted[0], "drafted": gen.drafted[0],
             "histogram": out["histogram"].tolist(), "pos_accepted": metric.position_accepted.tolist(),
-            "pos_drafted": metric.position_drafted.tolist(), "tau": round(float(out["mean_acceptance_length"]), 5)}
+            "pos_drafted": metric.position_drafted.tolist(),
+            "tau": round(float(out["mean_acceptance_length"]), 5)}
 
 
 # ---- stubs: exact tokens and counts ---------------------------------------------------------------
@@ -194,9 +197,9 @@ def test_stub_batch_eos_and_rows_of_different_lengths():
     ar = generate_ar(model, [[0], [5, 6, 7]], 10, eos_id=4)
     assert ar.tokens == gen.tokens
     streamed = [[], []]
-    generate_speculative(model, [[0], [5, 6, 7]], 10, draft_len=2,
-                         on_step=lambda new: [streamed[b].extend(t) for b, t in enumerate(new)])
-    assert streamed == [[2, 3, 4, 5, 6, 7, 8, 9, 0], [9, 0, 1, 2, 3, 4, 5, 6, 7]]  # the prefill token is not a step
+    gen = generate_speculative(model, [[0], [5, 6, 7]], 10, draft_len=2,
+                               on_step=lambda new: [streamed[b].extend(t) for b, t in enumerate(new)])
+    assert streamed == gen.tokens == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 0], [8, 9, 0, 1, 2, 3, 4, 5, 6, 7]]
 
 
 # ---- greedy parity on tiny random CPModels -----------------------------------------------------------
@@ -206,8 +209,8 @@ def test_stub_batch_eos_and_rows_of_different_lengths():
 def test_greedy_parity_with_ar(kind, rank):
     model = tiny_model(kind, rank)
     prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15]]
-    accepted = assert_greedy_parity(model, prompts, 20)
-    assert accepted > 0  # drafts were accepted (and, since tau < k + 1 here, also rejected)
+    accepted, drafted = assert_greedy_parity(model, prompts, 20)
+    assert 0 < accepted < drafted  # both the accept and the reject paths ran
 
 
 def test_ranks_that_finish_early_keep_stepping_until_all_are_done():
@@ -353,13 +356,22 @@ def test_benchmark_reports_and_plots(tmp_path):
 # ---- the Lightning callback --------------------------------------------------------------------------
 
 
-def test_callback_logs_acceptance_in_a_real_trainer(tmp_path):
+def test_callback_logs_acceptance_in_a_real_trainer(tmp_path, monkeypatch):
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
     from torch.utils.data import DataLoader
 
+    import callbacks.acceptance
     from callbacks import SpecAcceptanceCallback
+
+    decodes = []
+
+    def spy(model, *args, **kwargs):
+        decodes.append((model.training, torch.is_inference_mode_enabled()))
+        return generate_speculative(model, *args, **kwargs)
+
+    monkeypatch.setattr(callbacks.acceptance, "generate_speculative", spy)
 
     class Module(pl.LightningModule):
         def __init__(self):
@@ -398,10 +410,12 @@ def test_callback_logs_acceptance_in_a_real_trainer(tmp_path):
                          num_sanity_val_steps=1, logger=TensorBoardLogger(tmp_path), callbacks=[cb, ckpt],
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(Module(), datamodule=Data())
-    assert cb._validations == 3  # the sanity check is not counted; decoding ran at validations 1 and 3
+    assert cb._validations == 3  # the sanity check is not counted
+    assert decodes == [(False, True)] * 4  # validations 1 and 3, greedy and sampled, in eval + inference mode
     metrics = trainer.callback_metrics
     for key in ["spec/acceptance_rate", "spec/mean_acceptance_length", "spec/acceptance_rate_pos1",
-                "spec/acceptance_rate_pos3", "spec/sampled_mean_acceptance_length", "spec/tf_mean_acceptance_length",
+                "spec/acceptance_rate_pos3", "spec/sampled_mean_acceptance_length",
+                "spec/tf_mean_acceptance_length",
                 "spec/tf_acceptance_rate"]:
         assert key in metrics, key
     assert 1.0 <= float(metrics["spec/mean_acceptance_length"]) <= 4.0

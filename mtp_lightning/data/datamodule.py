@@ -250,8 +250,11 @@ class CorpusDataModule(L.LightningDataModule):
 
     def _loader(self, ds: Dataset, **kwargs) -> DataLoader:
         workers = self.cfg.num_workers
+        # the loader's own generator: creating an iterator otherwise draws a seed from the global RNG,
+        # and a resumed run creates one at a point where the uninterrupted run did not
+        generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(ds, collate_fn=_as_batch, num_workers=workers, persistent_workers=workers > 0,
-                          pin_memory=torch.cuda.is_available(), **kwargs)
+                          pin_memory=torch.cuda.is_available(), generator=generator, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         """Batches (B, seq_len + n_future), resumed at ``consumed_samples()``, sharded by rank."""

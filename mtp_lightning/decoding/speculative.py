@@ -160,7 +160,8 @@ def generate_speculative(model, prompts, max_new_tokens: int, *, pad_mask: torch
                          sync_done: Callable[[bool], bool] | None = None) -> SpecGeneration:
     """Decode up to ``max_new_tokens`` per row, drafting ``draft_len`` tokens per verification pass.
 
-    ``on_step(new_tokens)`` gets each step's new ids per row ([] for finished rows), for streaming.
+    ``on_step(new_tokens)`` gets the new ids per row ([] for finished rows) after the prefill and after
+    every step, so a caller can stream text; together they are exactly the returned tokens.
     ``sync_done(local_done) -> all_done`` makes ranks agree on when to stop: with it every step drafts
     the full draft_len, so every rank runs the same passes with the same shapes until all are done.
     """
@@ -185,6 +186,8 @@ def generate_speculative(model, prompts, max_new_tokens: int, *, pad_mask: torch
         t_prefill = time.perf_counter() - t0
 
         tokens = [[x] for x in first]
+        if on_step is not None:
+            on_step([[x] for x in first])
         alive = [max_new_tokens > 1 and x != eos_id for x in first]
         alive_t = torch.tensor(alive, device=device)  # (B,) refreshed only when a row finishes
         accepted: list[list[int]] = [[] for _ in range(B)]

@@ -53,9 +53,3 @@ class GracefulStopCallback(L.Callback):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
-
-
-def signal_exit_code(signum: int) -> int:
-    return 128 + int(signum)
-
-

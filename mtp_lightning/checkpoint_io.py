@@ -93,11 +93,11 @@ def safe_load(path: str | os.PathLike) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        if "GLOBAL" in str(e) or "Unsupported global" in str(e):
             raise UserError(f"checkpoint '{path}' holds objects that would run code when loaded; "
                             f"refusing it. Only load checkpoints written by mtp_lightning") from None
-        raise UserError(f"checkpoint '{path}' is corrupted ({type(e).__name__}); use an earlier one "
-                        f"from the same checkpoints/ folder") from None
+        raise UserError(f"checkpoint '{path}' is truncated or corrupted ({type(e).__name__}); use an earlier "
+                        f"one from the same checkpoints/ folder") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise UserError(f"checkpoint '{path}' is truncated or corrupted ({str(e).splitlines()[0][:80]}); "
                         f"use an earlier one from the same checkpoints/ folder") from None
@@ -123,9 +123,13 @@ def load_for_inference(path: str | os.PathLike, device: str = "cpu"):
     ckpt = safe_load(path)
     cfg = checkpoint_config(ckpt)
     tokenizer = Tokenizer.from_json(ckpt[META_KEY]["tokenizer"])
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    rows = state.get("trunk.wte.weight")
+    if rows is not None and rows.shape[0] != tokenizer.vocab_size:
+        raise UserError(f"checkpoint '{path}': its tokenizer has {tokenizer.vocab_size} tokens but its model "
+                        f"embeds {rows.shape[0]}; the tokenizer does not belong to this checkpoint")
     cfg.model.gpt.vocab_size = tokenizer.vocab_size
     model = CPModel(cfg.model)
-    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     load_state(model, state, path)
     return model.to(device).eval(), tokenizer, cfg
 

@@ -38,9 +38,13 @@ class BackboneConfig:
     kind: str = "gpt"
     """``gpt``: the trunk of this project, trained from scratch. ``hf``: a Hugging Face causal LM."""
     name_or_path: str = ""
-    """For ``kind=hf``: a hub id or a local folder."""
+    """For ``kind=hf``: a hub id or a local folder (``save_pretrained`` layout, with tokenizer.json).
+    Its tokenizer is the run's tokenizer unless ``tokenizer.kind`` is set to ``file`` or ``hub``."""
     train_mode: str = "heads_only"
-    """For ``kind=hf``: ``heads_only`` (backbone frozen) or ``joint``."""
+    """For ``kind=hf``: ``heads_only`` (backbone frozen, in eval mode, no gradients or optimizer state;
+    checkpoints then store only the heads plus a reference to the base model) or ``joint`` (backbone and
+    heads together; ``optim.head_lr`` for the heads, ``model.loss.lm_head_weight`` on the backbone's
+    own next-token loss)."""
 
 
 @dataclass
@@ -79,7 +83,18 @@ class LossConfig:
     next_token_weight: float = 0.0
     """Weight of the next-token NLL of the offset-1 marginal (keeps the verifier sharp)."""
     lm_head_weight: float = 0.0
-    """Weight of the NLL of a plain next-token head U z_t (the ``lm_head`` verifier of the GPT trunk)."""
+    """Weight of the NLL of a plain next-token head U z_t (the ``lm_head`` verifier of the GPT trunk;
+    with ``model.backbone.kind=hf`` and ``train_mode=joint``, the backbone's own next-token loss)."""
+    joint_weight: float = 1.0
+    """Weight of the joint CP likelihood -log P(y_1..y_n). 0 trains by the other terms only (e.g.
+    distillation alone)."""
+    distill_weight: float = 0.0
+    """Weight of the per-offset distillation to the frozen base model (METHOD.md §2; ``kind=hf`` only):
+    sum_s gamma^(s-1) [beta KL(p_base,s || q_s) + (1 - beta) CE(q_s, y_s)] / sum_s gamma^(s-1)."""
+    distill_beta: float = 0.9
+    """beta of the distillation: the KL's share, against the cross-entropy to the data."""
+    distill_gamma: float = 0.8
+    """gamma of the distillation: offset s is weighted gamma^(s-1)."""
     chunk_size: int = 0
     """Positions per chunk of the memory-lean loss; 0 picks one from the vocabulary size."""
     lean: bool = True
@@ -368,8 +383,29 @@ def validate(cfg: Config) -> None:
     if cfg.spec.draft_len < 0 or cfg.spec.draft_len > max(h.n_future - 1, 0):
         errors.append(f"spec.draft_len={cfg.spec.draft_len} must be between 0 (auto) and "
                       f"model.heads.n_future - 1 = {h.n_future - 1}")
+    sp = cfg.spec
+    if sp.every_n_val > 0 and cfg.model.backbone.kind == "gpt" and \
+            sp.prompt_len + sp.max_new_tokens + h.n_future > g.max_seq_len:
+        errors.append(f"spec.prompt_len={sp.prompt_len} + spec.max_new_tokens={sp.max_new_tokens} + "
+                      f"model.heads.n_future={h.n_future} exceeds model.gpt.max_seq_len={g.max_seq_len}; "
+                      f"lower the prompt or the new tokens, or set spec.every_n_val=0")
+    if sp.n_prompts < 1 or sp.prompt_len < 1 or sp.max_new_tokens < 1:
+        errors.append("spec.n_prompts, spec.prompt_len and spec.max_new_tokens must be >= 1")
     if cfg.model.backbone.kind == "hf" and not cfg.model.backbone.name_or_path:
         errors.append("model.backbone.kind=hf needs model.backbone.name_or_path (a hub id or folder)")
+    lc = cfg.model.loss
+    if min(lc.joint_weight, lc.distill_weight, lc.lm_head_weight) < 0:
+        errors.append(f"model.loss.joint_weight={lc.joint_weight}, distill_weight={lc.distill_weight} and "
+                      f"lm_head_weight={lc.lm_head_weight} must be >= 0")
+    if lc.joint_weight == 0 and lc.distill_weight == 0:
+        errors.append("model.loss.joint_weight and model.loss.distill_weight are both 0: nothing trains "
+                      "the heads; set one of them > 0")
+    if lc.distill_weight > 0 and cfg.model.backbone.kind != "hf":
+        errors.append(f"model.loss.distill_weight={lc.distill_weight} distils a pretrained base model; it "
+                      f"needs model.backbone.kind=hf (or set distill_weight=0)")
+    if not 0.0 <= lc.distill_beta <= 1.0 or lc.distill_gamma <= 0:
+        errors.append(f"model.loss.distill_beta={lc.distill_beta} must be in [0, 1] and "
+                      f"model.loss.distill_gamma={lc.distill_gamma} > 0")
     if cfg.trainer.accumulate_grad_batches < 1:
         errors.append("trainer.accumulate_grad_batches must be >= 1")
     if not cfg.run.name or "/" in cfg.run.name or cfg.run.name in (".", ".."):

@@ -5,10 +5,16 @@ only the distributions it needs: ``verifier_logprobs`` at every verified positio
 ``factor_logprobs`` for a few offsets at one position per row. Neither ever builds all n*r factors at
 every position, which is what makes speculative steps cheap.
 
+The trunk is this project's GPT (``model.backbone.kind=gpt``) or a Hugging Face causal LM
+(``kind=hf``, ``hf_backbone.HFTrunk``); both map ids to hidden states z, own the unembedding U and give
+a cache with per-row ``lengths`` and ``crop``.
+
 Shape legend: B batch, T positions, D width, n offsets, r experts, V vocabulary.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -17,13 +23,24 @@ from mtp_lightning.config import ModelConfig
 from mtp_lightning.model.gpt import GPT, KVCache
 from mtp_lightning.model.heads import CPHeads
 
+if TYPE_CHECKING:
+    from mtp_lightning.model.hf_backbone import HFCache
+
 
 class CPModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.trunk = GPT(cfg.gpt)
-        self.heads = CPHeads(cfg.heads, cfg.gpt, first_cache_layer=cfg.gpt.n_layer)
+        if cfg.backbone.kind == "hf":
+            from mtp_lightning.model.hf_backbone import HFTrunk
+
+            self.trunk = HFTrunk.from_config(cfg.backbone)
+            trunk_cfg, first_cache_layer = self.trunk.heads_config(), 0  # head caches live beside HF's
+        else:
+            self.trunk = GPT(cfg.gpt)
+            trunk_cfg, first_cache_layer = cfg.gpt, cfg.gpt.n_layer
+        self._max_seq_len = trunk_cfg.max_seq_len
+        self.heads = CPHeads(cfg.heads, trunk_cfg, first_cache_layer=first_cache_layer)
 
     @property
     def n_future(self) -> int:
@@ -39,7 +56,18 @@ class CPModel(nn.Module):
 
     @property
     def max_seq_len(self) -> int:
-        return self.cfg.gpt.max_seq_len
+        return self._max_seq_len
+
+    @property
+    def backbone_frozen(self) -> bool:
+        """True for a pretrained backbone trained heads-only: its weights never change."""
+        return bool(getattr(self.trunk, "frozen", False))
+
+    def lm_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """(..., D) -> (..., V) logits of the plain next-token head: U z for the GPT trunk, the
+        pretrained model's own output layer (bias and logit scaling included) for an HF trunk."""
+        own = getattr(self.trunk, "lm_logits", None)
+        return own(z) if own is not None else z @ self.unembedding.T
 
     def forward(self, idx: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """idx (B, T) -> z (B, T, D) and the n per-offset head states (B, T, D)."""
@@ -48,7 +76,7 @@ class CPModel(nn.Module):
 
     # ---- decoding -------------------------------------------------------------------------------
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
+    def new_cache(self, batch: int, max_len: int) -> KVCache | HFCache:
         return self.trunk.new_cache(batch, max_len, extra_layers=self.heads.n_cache_layers)
 
     def extend(self, idx: torch.Tensor, cache: KVCache, pad_mask: torch.Tensor | None = None
@@ -75,7 +103,8 @@ class CPModel(nn.Module):
         """The next-token distribution p(. | context) as log-probs (..., V).
 
         ``marginal``: sum_a w_a P_a^(1), the model's own offset-1 marginal (the paper's setting).
-        ``lm_head``: a plain next-token head, softmax(U z).
+        ``lm_head``: a plain next-token head, softmax(``lm_logits(z)``): for an HF backbone exactly the
+        base model's own next-token distribution.
         """
         return self.verifier_and_factors(z, states, verifier)[0]
 
@@ -85,7 +114,7 @@ class CPModel(nn.Module):
         (..., r, V) it is built from (None for ``lm_head``). Speculative decoding reuses them as the
         first factor of its next draft instead of recomputing them."""
         if verifier == "lm_head":
-            return (z @ self.unembedding.T).float().log_softmax(-1), None
+            return self.lm_logits(z).float().log_softmax(-1), None
         logw = self.router_logw(z)  # (..., r)
         lp1 = self.factor_logprobs(states, range(1))[..., 0, :, :]  # (..., r, V)
         return torch.logsumexp(logw[..., None] + lp1, dim=-2), lp1  # (..., V), (..., r, V)

@@ -6,6 +6,10 @@
   that would need to run code to unpickle is refused.
 - Every checkpoint carries ``checkpoint["mtp_lightning"]``: the format version, the resolved config and
   the tokenizer (as JSON). A checkpoint alone is enough to decode.
+- A frozen pretrained backbone (``model.backbone.train_mode=heads_only``) is not stored: its weights
+  are dropped from the state dict and ``checkpoint["mtp_lightning"]["base_model"]`` records where it
+  comes from and a fingerprint of its weights. Loading rebuilds it from there, refuses a base model
+  whose fingerprint differs, and is strict about every other key.
 """
 
 from __future__ import annotations
@@ -35,6 +39,37 @@ def add_run_metadata(checkpoint: dict, cfg: Config, tokenizer) -> None:
         "config": to_dict(cfg),
         "tokenizer": tokenizer.to_json(),
     }
+
+
+def omit_frozen_backbone(checkpoint: dict, trunk, prefix: str) -> None:
+    """Drop a frozen pretrained trunk's weights (keys under ``prefix``) and record its base model."""
+    state = checkpoint["state_dict"]
+    for key in [k for k in state if k.startswith(prefix)]:
+        del state[key]
+    checkpoint[META_KEY]["base_model"] = {"name_or_path": trunk.name_or_path,
+                                          "fingerprint": trunk.fingerprint()}
+
+
+def restore_frozen_backbone(checkpoint: dict, trunk, prefix: str, path) -> dict:
+    """``checkpoint["state_dict"]`` completed with the omitted backbone weights, taken from ``trunk``
+    (just built from the base model), after checking that it is the base model the heads were
+    trained on. A checkpoint that stores its whole model comes back unchanged."""
+    base = checkpoint.get(META_KEY, {}).get("base_model")
+    if base is None:
+        return checkpoint["state_dict"]
+    if not hasattr(trunk, "fingerprint"):
+        raise UserError(f"checkpoint '{path}' holds only heads for the pretrained model "
+                        f"'{base['name_or_path']}', but the model built from its config has no pretrained "
+                        f"backbone; keep model.backbone.kind=hf")
+    if trunk.fingerprint() != base["fingerprint"]:
+        raise UserError(f"checkpoint '{path}' holds heads trained on the base model "
+                        f"'{base['name_or_path']}', but the weights now loaded from "
+                        f"'{trunk.name_or_path}' differ from that model's; point "
+                        f"model.backbone.name_or_path at the original base model")
+    state = dict(checkpoint["state_dict"])
+    for key, value in trunk.state_dict(prefix=prefix).items():
+        state.setdefault(key, value)
+    return state
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -130,6 +165,7 @@ def load_for_inference(path: str | os.PathLike, device: str = "cpu"):
                         f"embeds {rows.shape[0]}; the tokenizer does not belong to this checkpoint")
     cfg.model.gpt.vocab_size = tokenizer.vocab_size
     model = CPModel(cfg.model)
+    state = restore_frozen_backbone({**ckpt, "state_dict": state}, model.trunk, "trunk.", path)
     load_state(model, state, path)
     return model.to(device).eval(), tokenizer, cfg
 

@@ -1,4 +1,4 @@
-"""``python -m mtp_lightning <command>``: fit, validate, test, generate, bench.
+"""``python -m mtp_lightning <command>``: fit, validate, test, generate, bench, sweep.
 
 Bad input is a ``UserError``: one line on stderr, exit code 2, no traceback unless ``--debug``.
 """
@@ -65,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampled", action="store_true", help="also measure sampled acceptance")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON here (and a PNG beside it)")
     p.add_argument("--debug", action="store_true")
+
+    p = sub.add_parser("sweep", help="one run per grid point (e.g. rank), each measured, and a report")
+    p.add_argument("--config", required=True, metavar="FILE", help="sweep file (conf/sweep_rank.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="sweep.* keys change the sweep (sweep.root=DIR); other keys apply to every run")
+    p.add_argument("--quick", action="store_true", help="the sweep's small, fast variant")
+    p.add_argument("--report-only", action="store_true", help="rebuild the report from finished points")
+    p.add_argument("--debug", action="store_true")
     return parser
 
 
@@ -102,6 +110,11 @@ def run(args: argparse.Namespace) -> int:
         results = evaluate(args.command, args.config, args.overrides, args.ckpt)
         for key, value in sorted(results[0].items()):
             print(f"{key:40s} {value:.4f}")
+        return 0
+    if args.command == "sweep":
+        from mtp_lightning.sweep import run_sweep
+
+        run_sweep(args.config, args.overrides, quick=args.quick, report_only=args.report_only)
         return 0
     from mtp_lightning import decode_cli
 

@@ -397,9 +397,9 @@ def validate(cfg: Config) -> None:
     if min(lc.joint_weight, lc.distill_weight, lc.lm_head_weight) < 0:
         errors.append(f"model.loss.joint_weight={lc.joint_weight}, distill_weight={lc.distill_weight} and "
                       f"lm_head_weight={lc.lm_head_weight} must be >= 0")
-    if lc.joint_weight == 0 and lc.distill_weight == 0:
-        errors.append("model.loss.joint_weight and model.loss.distill_weight are both 0: nothing trains "
-                      "the heads; set one of them > 0")
+    if lc.joint_weight == 0 and lc.distill_weight == 0 and lc.lm_head_weight == 0:
+        errors.append("model.loss.joint_weight, distill_weight and lm_head_weight are all 0: nothing "
+                      "would be trained; set one of them > 0")
     if lc.distill_weight > 0 and cfg.model.backbone.kind != "hf":
         errors.append(f"model.loss.distill_weight={lc.distill_weight} distils a pretrained base model; it "
                       f"needs model.backbone.kind=hf (or set distill_weight=0)")

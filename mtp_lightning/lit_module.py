@@ -43,6 +43,16 @@ class CPLightningModule(L.LightningModule):
         })
         self.last_expert_choice: torch.Tensor | None = None  # read by the mixture-health callback
         self.nonfinite_skips = 0
+        self._extra_logs: dict[str, torch.Tensor] = {}  # terms beyond cp_objective, for _log_terms
+        # distillation in joint mode needs the base model as it was: a frozen copy, kept out of the
+        # module tree (never saved, never optimised; moved to the device on first use)
+        self._teacher: list[torch.nn.Module] = []
+        if cfg.model.loss.distill_weight > 0 and not self.model.backbone_frozen:
+            import copy
+
+            teacher = copy.deepcopy(self.model.trunk)
+            teacher.frozen = True
+            self._teacher.append(teacher.requires_grad_(False).eval())
 
     # ---- steps ----------------------------------------------------------------------------------
 
@@ -55,7 +65,32 @@ class CPLightningModule(L.LightningModule):
             # evaluation sees every position: exact metrics, and no draws from the training RNG
             loss_cfg = dataclasses.replace(loss_cfg, position_fraction=1.0)
         terms = cp_objective(self.model.heads, z, states, self.model.unembedding, targets, loss_cfg)
+        terms = self._add_extra_terms(terms, inputs, targets, z, states)
         return inputs, targets, z, states, terms
+
+    def _add_extra_terms(self, terms, inputs, targets, z, states):
+        """The joint term's weight and the distillation to the base model (METHOD.md §2)."""
+        lc = self.cfg.model.loss
+        self._extra_logs = {}
+        loss = terms.loss
+        if lc.joint_weight != 1.0:
+            loss = loss + (lc.joint_weight - 1.0) * terms.joint_nll  # cp_objective weighs it 1
+        if lc.distill_weight > 0:
+            from mtp_lightning.distill import distill_objective
+
+            if self._teacher:  # joint mode: the base model as it was before training
+                teacher = self._teacher[0].to(z.device)
+                with torch.no_grad():
+                    base_z = teacher(inputs)  # (B, T, D)
+                base_logits = teacher.lm_logits
+            else:  # heads only: the frozen trunk is the base model, and z is its output
+                base_z, base_logits = z.detach(), self.model.lm_logits
+            d = distill_objective(self.model.heads, z, states, self.model.unembedding, base_z, base_logits,
+                                  targets, lc)
+            loss = loss + lc.distill_weight * d.loss
+            self._extra_logs = {"distill_loss": d.loss, "distill_kl_offset1": d.kl[0],
+                                "distill_kl": d.kl.mean(), "distill_ce": d.ce.mean()}
+        return dataclasses.replace(terms, loss=loss) if loss is not terms.loss else terms
 
     def _log_terms(self, stage: str, terms, batch_size: int) -> None:
         n = self.model.n_future
@@ -70,6 +105,8 @@ class CPLightningModule(L.LightningModule):
             logs[f"{stage}/offset{s + 1}_nll"] = terms.offset_nll[s]
         if terms.lm_head_nll is not None:
             logs[f"{stage}/lm_head_nll"] = terms.lm_head_nll
+        for key, value in self._extra_logs.items():
+            logs[f"{stage}/{key}"] = value
         health = mixture_health(terms.log_w, terms.posterior)
         for key in ("router_entropy", "dead_experts", "busiest_share"):
             logs[f"{stage}/{key}"] = health[key]
@@ -174,10 +211,19 @@ class CPLightningModule(L.LightningModule):
 
         add_run_metadata(checkpoint, self.cfg, self.trainer.datamodule.tokenizer)
         checkpoint["rng_states"] = rng_states()
+        if self.model.backbone_frozen:
+            from mtp_lightning.checkpoint_io import omit_frozen_backbone
+
+            omit_frozen_backbone(checkpoint, self.model.trunk, prefix="model.trunk.")
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "rng_states" in checkpoint:
             set_rng_states(checkpoint["rng_states"])
+        from mtp_lightning.checkpoint_io import restore_frozen_backbone
+
+        # Lightning loads the state dict strictly after this hook: give it the base model's weights
+        checkpoint["state_dict"] = restore_frozen_backbone(checkpoint, self.model.trunk, "model.trunk.",
+                                                           "checkpoint")
 
 
 def rng_states() -> dict:

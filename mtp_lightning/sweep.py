@@ -19,6 +19,7 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import platform
 import shutil
 import statistics
@@ -79,6 +80,13 @@ SWEEP_KEYS = {f.name for f in dataclasses.fields(SweepConfig)}
 MEASURE_KEYS = {f.name for f in dataclasses.fields(MeasureConfig)}
 
 
+class SweepStopped(UserError):
+    def __init__(self, signum: int, point: str):
+        super().__init__(f"sweep stopped by signal {signum} during '{point}' (its last.ckpt is saved); run the "
+                         f"same command again to resume (finished points are skipped)")
+        self.exit_code = 128 + signum
+
+
 @dataclass
 class Point:
     name: str
@@ -117,8 +125,9 @@ def load_sweep(path: str, overrides: list[str] | None = None, quick: bool = Fals
                         f"{', '.join(sorted(data)) or 'nothing'}); run configs go to `fit --config`")
     raw = OmegaConf.create(data["sweep"] or {})
     if overrides:
-        bad = [o for o in overrides if not o.startswith("sweep.") or "=" not in o]
-        assert not bad, bad
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise UserError(f"override '{bad[0]}' is not of the form key=value (e.g. sweep.root=runs/mine)")
         dl = OmegaConf.to_container(OmegaConf.from_dotlist(overrides))["sweep"]
         _check_sweep_keys(dl, "the command line")
         raw = OmegaConf.merge(raw, dl)
@@ -136,6 +145,8 @@ def load_sweep(path: str, overrides: list[str] | None = None, quick: bool = Fals
     if not isinstance(cfg.grid, dict) or not cfg.grid:
         raise UserError(f"sweep.grid in '{path}' must map run config keys to lists of values, e.g. "
                         f"grid: {{model.heads.rank: [1, 2, 4, 8]}}")
+    # dotted and nested spellings (YAML, `sweep.grid.model.heads.rank=[1,2]`) become dotted keys
+    cfg.grid = _check_run_keys(cfg.grid, "sweep.grid")
     return cfg, Path(path).resolve().parent
 
 
@@ -257,13 +268,30 @@ def tensorboard_curves(run_dir: Path) -> dict:
             "curves": {tag: {"step": [s for s, _ in v], "value": [x for _, x in v]} for tag, v in curves.items()}}
 
 
+def newest_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
+    """The run's newest complete checkpoint and its step, or None.
+
+    By modification time, not by name: after a graceful stop, Lightning's ModelCheckpoint finds a
+    ``last.ckpt`` it did not write and saves its later ones as ``last-v1.ckpt``, ``last-v2.ckpt``, ...
+    """
+    from mtp_lightning.checkpoint_io import safe_load
+
+    ckpts = sorted((run_dir / "checkpoints").glob("*.ckpt"), key=lambda c: -c.stat().st_mtime) \
+        if (run_dir / "checkpoints").is_dir() else []
+    for c in ckpts:
+        try:
+            return c, int(safe_load(c)["global_step"])
+        except UserError:  # torn by a kill: an older one will do
+            continue
+    return None
+
+
 def measure(run_dir: Path, m: MeasureConfig) -> dict:
-    from mtp_lightning.checkpoint_io import find_resume_checkpoint, load_for_inference, safe_load
+    from mtp_lightning.checkpoint_io import load_for_inference
     from mtp_lightning.data import build_datamodule
     from mtp_lightning.decoding.bench import run_benchmark
 
-    ckpt = find_resume_checkpoint(run_dir)
-    step = int(safe_load(ckpt)["global_step"])
+    ckpt, step = newest_checkpoint(run_dir)
     model, tok, cfg = load_for_inference(ckpt)
     dm = build_datamodule(cfg.data, cfg.tokenizer, model.n_future, cfg.run.seed)
     dm.set_tokenizer(tok)
@@ -311,8 +339,6 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    import os
-
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "gpu": torch.cuda.is_available()}
 
@@ -337,23 +363,22 @@ def run_sweep(path: str, overrides: list[str], quick: bool = False, report_only:
     for i, p in enumerate(sweep.points if not report_only else []):
         run_dir = sweep.dir / p.name
         tag = f"[{i + 1}/{len(sweep.points)}] {p.name}"
-        if (run_dir / "metrics.json").is_file():
-            print(f"{tag}: finished, skipped", flush=True)
-            continue
         if (run_dir / "config.yaml").is_file():
             why = _config_differs(run_dir / "config.yaml", configs[p.name])
             if why:
-                raise UserError(f"sweep point '{run_dir}' was started with another config ({why}); delete "
+                raise UserError(f"sweep point '{run_dir}' was run with another config ({why}); delete "
                                 f"that folder or pick another sweep.name")
-        has_ckpt = any((run_dir / "checkpoints").glob("*.ckpt")) if run_dir.is_dir() else False
-        if run_dir.is_dir() and not has_ckpt:
+        if (run_dir / "metrics.json").is_file():
+            print(f"{tag}: finished, skipped", flush=True)
+            continue
+        newest = newest_checkpoint(run_dir)
+        if run_dir.is_dir() and newest is None:
             shutil.rmtree(run_dir)  # died before its first checkpoint: nothing in it can be resumed
-        print(f"{tag}: {'resuming' if has_ckpt else 'training'}", flush=True)
+        print(f"{tag}: {f'resuming from step {newest[1]}' if newest else 'training'}", flush=True)
         t0 = time.perf_counter()
-        _, stop = fit(sweep.files, sweep.overrides(p), "last" if has_ckpt else None)
+        _, stop = fit(sweep.files, sweep.overrides(p), str(newest[0]) if newest else None)
         if stop.received is not None:
-            raise UserError(f"sweep stopped by signal {stop.received} during '{p.name}'; run the same command "
-                            f"again to resume it (finished points are skipped)")
+            raise SweepStopped(int(stop.received), p.name)
         fit_s = time.perf_counter() - t0
         print(f"{tag}: trained in {fit_s:.0f} s; measuring", flush=True)
         t0 = time.perf_counter()

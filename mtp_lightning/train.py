@@ -172,15 +172,34 @@ def build_data_and_module(cfg: Config, tokenizer_json: str | None = None):
     from mtp_lightning.data.tokenizer import Tokenizer
     from mtp_lightning.lit_module import CPLightningModule
 
+    hf = cfg.model.backbone.kind == "hf"
+    if hf and cfg.tokenizer.kind == "bpe":
+        # a pretrained model reads its own tokenizer's ids (kind=file|hub names another one explicitly)
+        cfg.tokenizer.kind, cfg.tokenizer.path = "hub", cfg.model.backbone.name_or_path
     dm = build_datamodule(cfg.data, cfg.tokenizer, cfg.model.heads.n_future, cfg.run.seed)
     if tokenizer_json is not None:
         dm.set_tokenizer(Tokenizer.from_json(tokenizer_json))
     tok = dm.prepare_corpus()
+    if hf:
+        module = CPLightningModule(cfg, tok.token_bytes())
+        check_hf_fit(cfg, module.model, tok.vocab_size)
+        return dm, module, tok
     if cfg.model.gpt.vocab_size not in (0, tok.vocab_size):
         raise UserError(f"model.gpt.vocab_size={cfg.model.gpt.vocab_size} does not match the tokenizer's "
                         f"{tok.vocab_size}; leave model.gpt.vocab_size at 0 (it is set from the tokenizer)")
     cfg.model.gpt.vocab_size = tok.vocab_size
     return dm, CPLightningModule(cfg, tok.token_bytes()), tok
+
+
+def check_hf_fit(cfg: Config, model, tokenizer_size: int) -> None:
+    """A pretrained model's sizes come from the model itself; check the run against them."""
+    V, name = model.unembedding.shape[0], cfg.model.backbone.name_or_path
+    if tokenizer_size > V:
+        raise UserError(f"the tokenizer has {tokenizer_size} ids but model '{name}' embeds only {V}; "
+                        f"use the model's own tokenizer (leave tokenizer.kind=bpe, it then loads it)")
+    if cfg.data.seq_len > model.max_seq_len:
+        raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds the {model.max_seq_len} positions of "
+                        f"model '{name}'; lower data.seq_len")
 
 
 def fit(files: list[str], overrides: list[str], resume: str | None = None) -> tuple[Path, object]:
@@ -200,10 +219,11 @@ def fit(files: list[str], overrides: list[str], resume: str | None = None) -> tu
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     dm, module, tok = build_data_and_module(cfg, tokenizer_json)
     if ckpt is not None:
-        from mtp_lightning.checkpoint_io import load_state
+        from mtp_lightning.checkpoint_io import load_state, restore_frozen_backbone
 
         # refuse an architecture change up front, with one line instead of Lightning's traceback
-        load_state(module, ckpt["state_dict"], ckpt_path)
+        load_state(module, restore_frozen_backbone(ckpt, module.model.trunk, "model.trunk.", ckpt_path),
+                   ckpt_path)
         del ckpt
     paths = RunPaths(run_dir)
     if not is_launched_child():
@@ -228,9 +248,9 @@ def evaluate(stage: str, files: list[str], overrides: list[str], ckpt: str | Non
     cfg.trainer.strategy, cfg.trainer.devices = "auto", 1
     check_devices(cfg)
     dm, module, _ = build_data_and_module(cfg, loaded[META_KEY]["tokenizer"])
-    from mtp_lightning.checkpoint_io import load_state
+    from mtp_lightning.checkpoint_io import load_state, restore_frozen_backbone
 
-    load_state(module, loaded["state_dict"], ckpt)
+    load_state(module, restore_frozen_backbone(loaded, module.model.trunk, "model.trunk.", ckpt), ckpt)
     trainer = build_trainer(cfg, None, cfg.model.heads.n_future)
     run = trainer.validate if stage == "validate" else trainer.test
     return run(module, datamodule=dm, verbose=False)

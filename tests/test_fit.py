@@ -95,3 +95,39 @@ def test_print_config_applies_overrides(capsys):
     assert main(["fit", "--config", CONF, "--print-config", "model.heads.rank=7"]) == 0
     out = capsys.readouterr().out
     assert "rank: 7" in out and "n_future: 3" in out
+
+
+def test_trained_model_speculative_equals_autoregressive(smoke_run):
+    from mtp_lightning.checkpoint_io import load_for_inference
+    from tests.test_decoding import assert_greedy_parity
+
+    model, tok, _ = load_for_inference(smoke_run / "checkpoints" / "last.ckpt")
+    prompts = [tok.encode(t) for t in ("def main():\n    ", "import os\n", "class Foo(object):\n    def ")]
+    accepted, drafted = assert_greedy_parity(model, prompts, max_new_tokens=20)
+    assert drafted > 0
+
+
+def test_generate_and_bench_commands(smoke_run, capsys, tmp_path):
+    import json
+
+    ckpt = str(smoke_run / "checkpoints" / "last.ckpt")
+    for mode in ("ar", "spec"):
+        assert main(["generate", "--ckpt", ckpt, "--prompt", "def f(x):", "--max-new-tokens", "10",
+                     "--mode", mode, "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["mode"] == mode and len(out["tokens"]) == 10
+        assert set(out) >= {"text", "tokens", "tokens_per_s", "acceptance_rate", "mean_acceptance_length",
+                            "per_position"}
+        if mode == "ar":
+            ar_tokens = out["tokens"]
+        else:
+            assert out["tokens"] == ar_tokens  # greedy: identical output
+            assert 1.0 <= out["mean_acceptance_length"] <= 3.0 and len(out["per_position"]) == 2
+    out_json = tmp_path / "bench.json"
+    assert main(["bench", "--ckpt", ckpt, "--n-prompts", "2", "--prompt-len", "16", "--max-new-tokens", "12",
+                 "--json", str(out_json)]) == 0
+    result = json.loads(out_json.read_text())
+    assert result["identical"] is True
+    assert set(result) >= {"ar_tokens_per_s", "spec_tokens_per_s", "speedup", "mean_acceptance_length",
+                           "acceptance_rate", "per_position", "identical", "val_bits_per_byte"}
+    assert out_json.with_suffix(".png").stat().st_size > 1000

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -157,6 +158,7 @@ class HFTrunk(nn.Module):
         self.lm = lm
         self.frozen = frozen
         self.name_or_path = name_or_path
+        self._fingerprint = ""
         if frozen:
             lm.requires_grad_(False)
             lm.eval()
@@ -246,7 +248,10 @@ class HFTrunk(nn.Module):
         if cache is None:
             if T > self.max_seq_len:
                 raise ValueError(f"sequence of {T} tokens exceeds the model's {self.max_seq_len} positions")
-            return self.base(input_ids=idx, use_cache=False).last_hidden_state  # (B, T, D)
+            # training windows hold no padding (an end-of-text id that doubles as the pad id is a real
+            # token); saying so explicitly keeps the library from guessing and warning
+            out = self.base(input_ids=idx, attention_mask=torch.ones_like(idx), use_cache=False)
+            return out.last_hidden_state  # (B, T, D)
         pad_mask = torch.ones_like(idx, dtype=torch.bool) if pad_mask is None else pad_mask
         attention_mask, positions = cache.prepare(pad_mask)  # (B, P+T), (B, T)
         out = self.base(input_ids=idx, attention_mask=attention_mask, position_ids=positions,
@@ -257,13 +262,13 @@ class HFTrunk(nn.Module):
 
     def _check_lm_logits(self) -> None:
         """Refuse a model whose own logits ``lm_logits(z)`` does not reproduce (8-token probe)."""
-        ids = torch.arange(min(8, self.vocab_size), device=self.unembedding.device)[None]  # (1, 8)
+        ids = torch.arange(1, 9, device=self.unembedding.device)[None] % self.vocab_size  # (1, 8)
         was_training = self.lm.training
         self.lm.eval()
         try:
             with torch.no_grad():
-                want = self.lm(input_ids=ids).logits.float()
-                got = self.lm_logits(self.base(input_ids=ids).last_hidden_state).float()
+                want = self.lm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()
+                got = self.lm_logits(self(ids)).float()
         finally:
             self.lm.train(was_training)
         if want.shape != got.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
@@ -274,30 +279,42 @@ class HFTrunk(nn.Module):
     def fingerprint(self) -> str:
         """A cheap identity of the weights: names, shapes and a few values of every parameter.
         Stored in checkpoints that omit the frozen backbone, to catch a changed base model."""
+        if self.frozen and self._fingerprint:
+            return self._fingerprint  # frozen weights never change: hash them once
         h = hashlib.blake2b(digest_size=8)
         for name, p in self.lm.state_dict().items():
             flat = p.detach().reshape(-1)
             sample = torch.cat([flat[:16], flat[-16:]]).to("cpu", torch.float64)
             h.update(f"{name}:{tuple(p.shape)}:".encode())
             h.update(sample.numpy().tobytes())
-        return h.hexdigest()
+        self._fingerprint = h.hexdigest()
+        return self._fingerprint
 
 
 def fsdp_units(model: nn.Module) -> list[nn.Module]:
     """The modules of a ``CPModel`` with an ``HFTrunk`` to wrap as FSDP units, innermost first.
 
-    Each decoder layer is a unit, then the rest of the causal LM (embeddings, final norm, output
-    layer), then the CP heads. With a frozen backbone every unit holds only frozen or only trainable
-    parameters, never both, which FSDP needs to flatten or shard them together. Apply ``fully_shard``
-    (FSDP2) in this order, then to the root. The heads read U = the output layer's weight outside the
-    trunk's forward, so the trunk's outer unit must be unsharded around the loss (or not resharded
-    after forward) when that weight is sharded.
+    Each decoder layer (the model's own ``_no_split_modules`` classes) is a unit, then the rest of the
+    causal LM (embeddings, final norm, output layer), then the CP heads. With a frozen backbone every
+    unit then holds only frozen or only trainable parameters of its own, never both, which FSDP needs
+    to flatten or shard them together (``check_units``). ``shard_frozen_backbone`` applies them.
     """
     lm = model.trunk.lm
-    layers = [m for m in lm.modules() if isinstance(m, nn.ModuleList) and len(m) and
-              type(m[0]).__name__.endswith(("Block", "DecoderLayer", "Layer"))]
-    units = list(layers[0]) if layers else []
-    return units + [lm, model.heads]
+    names = set(getattr(lm, "_no_split_modules", None) or ())
+    layers = [m for m in lm.modules() if type(m).__name__ in names]
+    return layers + [lm, model.heads]
+
+
+def shard_frozen_backbone(model: nn.Module, fully_shard: Callable[..., nn.Module], **kwargs) -> nn.Module:
+    """Apply FSDP2's ``fully_shard`` (with its mesh and policies in ``kwargs``) per ``fsdp_units``, then
+    to the root, for a ``ModelParallelStrategy``'s ``configure_model``. Untested here (no GPUs): the
+    heads read U, the output layer's weight, outside the trunk's forward, so that unit must hold the
+    whole weight there, e.g. ``reshard_after_forward=False`` for it or an explicit ``unshard()``."""
+    units = fsdp_units(model)
+    check_units(units)
+    for unit in units:
+        fully_shard(unit, **kwargs)
+    return fully_shard(model, **kwargs)
 
 
 def check_units(units: list[nn.Module]) -> None:

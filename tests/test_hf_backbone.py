@@ -1,0 +1,322 @@
+"""CP heads on a pretrained Hugging Face causal LM, offline: tiny random GPT-2 and Llama models saved to
+a temporary folder with a locally trained tokenizer. Covers exactness (the adapter's logits, greedy
+speculative output against ``model.generate``), the distillation term, heads-only and joint training,
+checkpoints that omit the frozen backbone (save, resume, reload, bench), and the error messages."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from mtp_lightning.cli import main  # noqa: E402
+from mtp_lightning.config import BackboneConfig, HeadsConfig, LossConfig, ModelConfig, load_config  # noqa: E402
+from mtp_lightning.data.tokenizer import EOT, Tokenizer  # noqa: E402
+from mtp_lightning.distill import distill_objective, offset_weights  # noqa: E402
+from mtp_lightning.errors import UserError  # noqa: E402
+from mtp_lightning.model.cp_model import CPModel  # noqa: E402
+from mtp_lightning.model.hf_backbone import HFTrunk, check_units, fsdp_units  # noqa: E402
+
+from tests.test_decoding import assert_greedy_parity  # noqa: E402
+
+CONF = str(Path(__file__).resolve().parent.parent / "conf" / "finetune_code.yaml")
+
+
+def training_texts(max_bytes: int = 200_000) -> list[str]:
+    """Some of the standard library's own source: the same kind of text the fits below train on."""
+    import os
+
+    texts, total = [], 0
+    for path in sorted(Path(os.__file__).parent.glob("*.py")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        texts.append(text)
+        total += len(text)
+        if total > max_bytes:
+            break
+    return texts
+
+
+def make_tiny_hf(folder: Path, arch: str, vocab: int = 384, seed: int = 0) -> Path:
+    """A random 2-layer, width-32 causal LM and its tokenizer in ``save_pretrained`` layout.
+
+    The embedding has a few more rows than the tokenizer has ids (as many hub models do). Embeddings
+    are scaled up so that greedy decoding has no near-ties (which would let a 1-token and a k-token
+    pass disagree in the last bit) and does not collapse onto one repeated token."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer.train_bpe(training_texts(), vocab)
+    tok.save(folder / "tokenizer.json")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": EOT}))
+    ids = dict(eos_token_id=tok.eot_id, bos_token_id=tok.eot_id, pad_token_id=tok.eot_id)
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=tok.vocab_size + 8,
+                                      n_positions=128, **ids)
+        lm = transformers.GPT2LMHeadModel(cfg)
+    else:
+        cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2,
+                                       vocab_size=tok.vocab_size + 8, max_position_embeddings=128,
+                                       tie_word_embeddings=False, **ids)
+        lm = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        lm.get_input_embeddings().weight.mul_(3.0)
+        if arch == "gpt2":
+            lm.transformer.wpe.weight.mul_(10.0)
+    lm.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def base_folder(request, tmp_path_factory):
+    return make_tiny_hf(tmp_path_factory.mktemp(request.param), request.param)
+
+
+def hf_model(folder: Path, kind: str = "mlp", train_mode: str = "heads_only", n_future: int = 4,
+             rank: int = 3) -> CPModel:
+    cfg = ModelConfig(backbone=BackboneConfig(kind="hf", name_or_path=str(folder), train_mode=train_mode),
+                      heads=HeadsConfig(n_future=n_future, rank=rank, kind=kind))
+    return CPModel(cfg)
+
+
+def base_weights(folder: Path) -> dict[str, torch.Tensor]:
+    lm = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    return {k: v.clone() for k, v in lm.state_dict().items()}
+
+
+# ---- the adapter ------------------------------------------------------------------------------------
+
+
+def test_lm_head_verifier_is_the_base_model(base_folder):
+    model = hf_model(base_folder).eval()
+    ids = torch.randint(1, 300, (2, 11))
+    with torch.no_grad():
+        want = model.trunk.lm(input_ids=ids).logits.log_softmax(-1)
+        z, states = model(ids)
+        got = model.verifier_logprobs(z, states, "lm_head")
+    assert z.shape == (2, 11, 32) and len(states) == 4
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert model.unembedding is model.trunk.lm.get_output_embeddings().weight  # tied, not copied
+
+
+def test_heads_only_backbone_is_frozen_and_stays_in_eval(base_folder):
+    model = hf_model(base_folder)
+    assert not any(p.requires_grad for p in model.trunk.parameters())
+    assert all(p.requires_grad for p in model.heads.parameters())
+    model.train()
+    assert not model.trunk.training and not model.trunk.lm.training and model.heads.training
+    joint = hf_model(base_folder, train_mode="joint").train()
+    assert joint.trunk.training and all(p.requires_grad for p in joint.trunk.parameters())
+
+
+@pytest.mark.parametrize("kind", ["mlp", "block"])
+def test_greedy_speculative_equals_hf_generate(base_folder, kind):
+    """Token for token against ``model.generate(do_sample=False)`` of transformers, for every draft
+    length, and against our own AR decoding per row and as a left-padded batch."""
+    from mtp_lightning.decoding import generate_speculative
+
+    model = hf_model(base_folder, kind=kind).eval()
+    lm, eos = model.trunk.lm, model.trunk.lm.config.eos_token_id
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, 300, (n,), generator=g).tolist() for n in (4, 9, 6)]
+    for p in prompts:
+        ids = torch.tensor([p])
+        ref = lm.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=20,
+                          eos_token_id=eos, pad_token_id=eos)[0, len(p):].tolist()
+        for k in range(1, model.n_future):
+            out = generate_speculative(model, [p], 20, verifier="lm_head", draft_len=k, eos_id=eos)
+            assert out.tokens == [ref], f"k={k}, prompt {p}"
+    accepted, drafted = assert_greedy_parity(model, prompts, 12, verifiers=("lm_head",))
+    assert 0 < drafted  # the batched path with holes in the HF cache ran
+    if kind == "mlp" and "gpt2" in str(base_folder):
+        assert 0 < accepted < drafted  # both the accept and the reject paths
+
+
+# ---- distillation -------------------------------------------------------------------------------------
+
+
+def test_distillation_is_zero_when_heads_equal_the_base():
+    """Identity factor maps over a sequence whose hidden state never changes: every offset's marginal
+    is softmax(U z), the base distribution at every position, so each KL is 0."""
+    torch.manual_seed(0)
+    D, V, n, r = 16, 40, 3, 2
+    cfg = ModelConfig(heads=HeadsConfig(n_future=n, rank=r, kind="linear"))
+    from mtp_lightning.config import GPTConfig
+    from mtp_lightning.model.heads import CPHeads
+
+    heads = CPHeads(cfg.heads, GPTConfig(d_model=D, n_head=2, vocab_size=V))
+    with torch.no_grad():
+        heads.weight.copy_(torch.eye(D).expand(n, r, D, D))
+    U = torch.randn(V, D)
+    z = torch.randn(1, 1, D).expand(2, 7, D).contiguous()
+    targets = torch.randint(0, V, (2, 7, n))
+    for lean in (True, False):
+        loss_cfg = LossConfig(distill_beta=1.0, chunk_size=5, lean=lean)
+        terms = distill_objective(heads, z, [z] * n, U, z, lambda h: h @ U.T, targets, loss_cfg)
+        torch.testing.assert_close(terms.kl, torch.zeros(n), rtol=0, atol=1e-6)
+        assert float(terms.loss) < 1e-6
+    # not zero once the base model disagrees, and the CE part is the marginal's NLL
+    terms = distill_objective(heads, z, [z] * n, U, z, lambda h: 2 * h @ U.T, targets,
+                              LossConfig(distill_beta=0.5))
+    assert bool((terms.kl > 1e-3).all())
+    nll = -(z[0, 0] @ U.T).log_softmax(-1)[targets]  # (2, 7, n)
+    torch.testing.assert_close(terms.ce, torch.stack([nll[:, : 7 - s, s].mean() for s in range(n)]))
+    w = offset_weights(n, 0.8)
+    torch.testing.assert_close(terms.loss, (w * (0.5 * terms.kl + 0.5 * terms.ce)).sum())
+    torch.testing.assert_close(w, torch.tensor([1.0, 0.8, 0.64]) / 2.44)
+
+
+def test_distillation_offset1_is_zero_on_the_real_backbone(base_folder):
+    """Identity heads on the HF trunk: q_1 is the base model's own next-token distribution."""
+    model = hf_model(base_folder, kind="linear", n_future=2, rank=2)
+    with torch.no_grad():
+        model.heads.weight.copy_(torch.eye(32).expand(2, 2, 32, 32))
+    ids = torch.randint(1, 300, (2, 10))
+    targets = torch.randint(1, 300, (2, 10, 2))
+    z, states = model(ids)
+    U = model.unembedding
+    if "gpt2" in str(base_folder):  # GPT-2 ties U to its embedding: the output layer is exactly U z
+        terms = distill_objective(model.heads, z, states, U, z, model.lm_logits, targets, LossConfig())
+        assert abs(float(terms.kl[0])) < 1e-5 and float(terms.kl[1]) > 1e-3
+    # the gradient reaches the heads only, through the checkpointed chunks
+    terms = distill_objective(model.heads, z, states, U, z, model.lm_logits, targets,
+                              LossConfig(chunk_size=7, distill_beta=0.5))
+    terms.loss.backward()
+    assert model.heads.weight.grad is not None and U.grad is None
+
+
+# ---- training, checkpoints, decoding from them ---------------------------------------------------
+
+
+def fit_args(folder: Path, root: Path, name: str, *extra: str) -> list[str]:
+    return ["fit", "--config", CONF, f"model.backbone.name_or_path={folder}", f"run.root={root}",
+            f"run.name={name}", "trainer.progress_bar=false", "trainer.max_steps=6",
+            "trainer.val_check_interval=3", "checkpoint.every_n_steps=3", "trainer.log_every_n_steps=2",
+            "trainer.limit_val_batches=1", "trainer.precision=32-true", "data.seq_len=32",
+            "data.batch_size=4", "data.max_bytes=300000", "model.heads.n_future=3", "model.heads.rank=2",
+            "spec.n_prompts=2", "spec.prompt_len=12", "spec.max_new_tokens=10", "optim.warmup_steps=2",
+            *extra]
+
+
+@pytest.fixture(scope="module")
+def heads_only_run(tmp_path_factory):
+    folder = make_tiny_hf(tmp_path_factory.mktemp("gpt2_fit"), "gpt2")
+    root = tmp_path_factory.mktemp("runs")
+    assert main(fit_args(folder, root, "heads")) == 0
+    return folder, root / "heads"
+
+
+def test_heads_only_fit_keeps_backbone_bit_identical(heads_only_run):
+    from mtp_lightning.checkpoint_io import META_KEY, load_for_inference, safe_load
+
+    folder, run = heads_only_run
+    ckpt = safe_load(run / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 6
+    assert not any(k.startswith("model.trunk.") for k in ckpt["state_dict"])  # only what changed
+    assert ckpt[META_KEY]["base_model"]["name_or_path"] == str(folder)
+    assert ckpt[META_KEY]["config"]["tokenizer"]["kind"] == "hub"  # the model's own tokenizer
+    model, _, _ = load_for_inference(run / "checkpoints" / "last.ckpt")
+    base = base_weights(folder)
+    trunk = model.trunk.lm.state_dict()
+    assert all(torch.equal(trunk[k], v) for k, v in base.items())
+    fresh = hf_model(folder, n_future=3, rank=2)
+    assert not torch.equal(model.heads.weight, fresh.heads.weight)  # the heads did train
+    # only the heads have optimizer state
+    n_opt = sum(len(g["params"]) for g in ckpt["optimizer_states"][0]["param_groups"])
+    assert n_opt == len(list(model.heads.parameters()))
+
+
+def test_heads_only_resume_and_bench(heads_only_run, capsys, tmp_path):
+    folder, run = heads_only_run
+    args = fit_args(folder, run.parent, run.name, "trainer.max_steps=9")
+    assert main(["fit", "--resume", "last", *args[1:]]) == 0
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 9
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--ckpt", str(run / "checkpoints" / "last.ckpt"), "--n-prompts", "2",
+                 "--prompt-len", "12", "--max-new-tokens", "12", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert code == 0 and result["identical"] is True and result["verifier"] == "lm_head"
+    assert 1.0 <= result["mean_acceptance_length"] <= 3.0
+    capsys.readouterr()
+    assert main(["generate", "--ckpt", str(run / "checkpoints" / "last.ckpt"), "--prompt", "def f(x):",
+                 "--max-new-tokens", "8", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["tokens"]) == 8
+
+
+def test_changed_base_model_is_refused(heads_only_run, tmp_path):
+    from mtp_lightning.checkpoint_io import load_for_inference
+
+    folder, run = heads_only_run
+    other = make_tiny_hf(tmp_path / "other", "gpt2", seed=1)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    ckpt["mtp_lightning"]["config"]["model"]["backbone"]["name_or_path"] = str(other)
+    torch.save(ckpt, tmp_path / "moved.ckpt")
+    with pytest.raises(UserError, match="differ from that model's"):
+        load_for_inference(tmp_path / "moved.ckpt")
+
+
+@pytest.mark.slow
+def test_joint_fit_updates_the_backbone(tmp_path):
+    from mtp_lightning.checkpoint_io import load_for_inference, safe_load
+
+    folder = make_tiny_hf(tmp_path / "llama", "llama")
+    code = main(fit_args(folder, tmp_path / "runs", "joint", "model.backbone.train_mode=joint",
+                         "optim.lr=1e-3", "optim.head_lr=3e-3", "model.loss.lm_head_weight=0.5",
+                         "trainer.max_steps=4"))
+    assert code == 0
+    path = tmp_path / "runs" / "joint" / "checkpoints" / "last.ckpt"
+    ckpt = safe_load(path)
+    assert "base_model" not in ckpt["mtp_lightning"]  # the whole model is stored
+    lrs = sorted({g["lr"] for g in ckpt["optimizer_states"][0]["param_groups"]})
+    assert len(lrs) == 2  # the heads have their own learning rate
+    model, _, _ = load_for_inference(path)
+    trunk = model.trunk.lm.state_dict()
+    changed = [k for k, v in base_weights(folder).items() if not torch.equal(trunk[k], v)]
+    assert len(changed) > len(trunk) // 2
+
+
+# ---- errors and scale -----------------------------------------------------------------------------
+
+
+def test_missing_transformers_is_one_clear_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(UserError, match=r"pip install 'mtp_lightning\[hf\]'"):
+        hf_model(Path("unused"))
+
+
+def test_unreachable_hub_id_fails_fast():
+    t0 = time.perf_counter()
+    with pytest.raises(UserError, match="cannot be loaded"):
+        hf_model(Path("no-such-org/no-such-model"))
+    assert time.perf_counter() - t0 < 10
+
+
+def test_config_checks():
+    with pytest.raises(UserError, match="distill_weight"):
+        load_config(overrides=["model.loss.distill_weight=1.0"])
+    with pytest.raises(UserError, match="nothing would be trained"):
+        load_config(overrides=["model.backbone.kind=hf", "model.backbone.name_or_path=x",
+                               "model.loss.joint_weight=0", "model.loss.lm_head_weight=0"])
+    cfg = load_config([CONF])
+    assert cfg.model.backbone.kind == "hf" and cfg.spec.verifier == "lm_head"
+
+
+def test_fsdp_units_never_mix_frozen_and_trainable(base_folder):
+    model = hf_model(base_folder)
+    units = fsdp_units(model)
+    assert len(units) == 2 + 2  # two decoder layers, the rest of the LM, the heads
+    check_units(units)
+    assert isinstance(model.trunk, HFTrunk)

@@ -122,6 +122,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def safe_load(path: str | os.PathLike) -> dict:
     """Load a checkpoint without executing code; every failure is one clear ``UserError``."""
     path = Path(path)
+    if path.is_dir():  # a sharded checkpoint (trainer.strategy=fsdp): shards and meta.pt in a folder
+        from mtp_lightning.distributed import load_sharded_checkpoint
+
+        return _check_contents(load_sharded_checkpoint(path), path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: '{path}'; pass an existing .ckpt file "
                         f"(runs/<name>/checkpoints/last.ckpt)")
@@ -136,6 +140,10 @@ def safe_load(path: str | os.PathLike) -> dict:
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise UserError(f"checkpoint '{path}' is truncated or corrupted ({str(e).splitlines()[0][:80]}); "
                         f"use an earlier one from the same checkpoints/ folder") from None
+    return _check_contents(ckpt, path)
+
+
+def _check_contents(ckpt, path: Path) -> dict:
     if not isinstance(ckpt, dict) or META_KEY not in ckpt or "state_dict" not in ckpt:
         raise UserError(f"'{path}' is not an mtp_lightning checkpoint (no '{META_KEY}' metadata); "
                         f"pass a checkpoint written by `python -m mtp_lightning fit`")

@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="the sweep's small, fast variant")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from finished points")
     p.add_argument("--debug", action="store_true")
+
+    from mtp_lightning import bench_train
+
+    p = sub.add_parser("bench-train", help="training step time and peak memory: next-token vs CP, naive vs "
+                                           "lean loss, per vocabulary")
+    bench_train.add_arguments(p)
+    p.add_argument("--debug", action="store_true")
     return parser
 
 
@@ -116,6 +123,10 @@ def run(args: argparse.Namespace) -> int:
 
         run_sweep(args.config, args.overrides, quick=args.quick, report_only=args.report_only)
         return 0
+    if args.command == "bench-train":
+        from mtp_lightning import bench_train
+
+        return bench_train.run(args)
     from mtp_lightning import decode_cli
 
     return decode_cli.generate(args) if args.command == "generate" else decode_cli.bench(args)

@@ -49,7 +49,7 @@ class BackboneConfig:
 
 @dataclass
 class GPTConfig:
-    n_layer: int = 6
+    n_layer: int = 4
     n_head: int = 4
     d_model: int = 256
     max_seq_len: int = 256
@@ -64,7 +64,7 @@ class GPTConfig:
 class HeadsConfig:
     n_future: int = 4
     """n: how many future tokens each position predicts (offset 1 is the next token)."""
-    rank: int = 4
+    rank: int = 2
     """r: number of CP components (experts). 1 is Gloeckle et al.'s independent heads."""
     kind: str = "mlp"
     """Factor head h_{s,a}: ``linear`` | ``mlp`` (residual MLP, Medusa-style) | ``block`` (a transformer
@@ -80,7 +80,7 @@ class LossConfig:
     """lambda_aux."""
     switch_assign: str = "weight"
     """For ``switch``: f_a counts positions whose largest router ``weight`` or largest ``posterior`` is a."""
-    next_token_weight: float = 0.0
+    next_token_weight: float = 1.0
     """Weight of the next-token NLL of the offset-1 marginal (keeps the verifier sharp)."""
     lm_head_weight: float = 0.0
     """Weight of the NLL of a plain next-token head U z_t (the ``lm_head`` verifier of the GPT trunk;
@@ -99,7 +99,7 @@ class LossConfig:
     """Positions per chunk of the memory-lean loss; 0 picks one from the vocabulary size."""
     lean: bool = True
     """Memory-lean loss (chunks with recomputation). ``false`` holds all n*r logits at once."""
-    position_fraction: float = 1.0
+    position_fraction: float = 0.25
     """Share of positions (random subset) that get the multi-token loss; next-token term keeps all."""
     bf16_unembed: bool = False
     """Run the n*r unembedding products in bf16 (fp32 accumulation of the log-softmax)."""
@@ -137,7 +137,7 @@ class DataConfig:
     text_column: str = "text"
     seq_len: int = 256
     """Tokens of context per window; each window holds seq_len + n_future tokens."""
-    batch_size: int = 16
+    batch_size: int = 8
     val_fraction: float = 0.05
     """Share of documents held out, chosen by a hash of each document (deterministic)."""
     max_bytes: int = 0
@@ -156,7 +156,7 @@ class OptimConfig:
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
-    warmup_steps: int = 100
+    warmup_steps: int = 50
     min_lr_ratio: float = 0.1
     """Cosine decay ends at lr * min_lr_ratio at trainer.max_steps."""
     grad_clip: float = 1.0
@@ -164,7 +164,7 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 2000
+    max_steps: int = 500
     accelerator: str = "auto"
     devices: Any = 1
     strategy: str = "auto"
@@ -172,9 +172,9 @@ class TrainerConfig:
     precision: str = "auto"
     """``auto``: bf16-mixed on a GPU or a CPU with native bf16 matmuls (AVX512-BF16/AMX), else 32-true
     (CPUs without them run bf16 matmuls many times slower than fp32)."""
-    val_check_interval: int = 250
+    val_check_interval: int = 100
     """Validate every this many training steps."""
-    limit_val_batches: int = 20
+    limit_val_batches: int = 10
     log_every_n_steps: int = 10
     accumulate_grad_batches: int = 1
     num_sanity_val_steps: int = 0
@@ -185,7 +185,7 @@ class TrainerConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_n_steps: int = 250
+    every_n_steps: int = 100
     save_top_k: int = 1
     monitor: str = "val/loss"
     """Metric the best checkpoint is chosen by (``spec/mean_acceptance_length`` is maximised)."""
@@ -208,6 +208,12 @@ class SpecConfig:
 
 @dataclass
 class Config:
+    """The defaults are the `python -m mtp_lightning fit` preset: a 4-layer, width-256 GPT with CP heads
+    (n=4, r=2) on the standard library's source, about 10 minutes on 2 CPU cores. The heads' cost is kept
+    down by computing offsets 2..n on a quarter of the positions, while the next-token term (weight 1)
+    trains every position: at this size the n*r unembedding products would otherwise cost more than the
+    trunk (docs/benchmarks.md)."""
+
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)

@@ -23,29 +23,50 @@ from mtp_lightning.config import LossConfig
 from mtp_lightning.model.heads import CPHeads
 
 
-def auto_chunk(vocab_size: int) -> int:
-    """Rows per chunk so that one chunk's fp32 logits stay near 64 MiB."""
-    return max(256, (1 << 24) // max(vocab_size, 1))
+def auto_chunk(vocab_size: int, device_type: str = "cpu") -> int:
+    """Rows per chunk: one chunk's fp32 logits stay near 8 MiB on a CPU, so the softmax passes over a
+    chunk run in the cache, and near 64 MiB elsewhere, where fewer, larger kernels are faster."""
+    floats = 1 << 21 if device_type == "cpu" else 1 << 24
+    return max(16, floats // max(vocab_size, 1))
+
+
+def _chunk_logits(h: torch.Tensor, Um_T: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """h (C, D) @ U^T (D, V) into the first C rows of the float32 buffer buf (>= C, V); returns them.
+
+    Writing into one reused buffer matters on CPUs: a fresh (C, V) tensor per chunk is a fresh mmap
+    whose pages are faulted in and zeroed every time."""
+    out = buf[: h.shape[0]]
+    if h.dtype == out.dtype:
+        torch.matmul(h, Um_T, out=out)
+    else:  # bf16 products, float32 log-softmax
+        out.copy_(h @ Um_T)
+    return out
 
 
 class _TargetLogprob(torch.autograd.Function):
     """log_softmax(h @ U.T)[target] per row, in chunks, with recomputation in backward.
 
     Returns exactly the straightforward value; gradients are (onehot - softmax) * g mapped back
-    through the product, also chunk by chunk.
+    through the product, also chunk by chunk. Forward does one (C, V) product per chunk, backward
+    three (the recomputed logits, then grad_h and grad_U): 4/3 of the FLOPs of holding the logits.
+    Every (C, V) intermediate is computed in place in one buffer.
     """
 
     @staticmethod
     def forward(ctx, h, U, target, chunk: int, bf16: bool):
         with torch.autocast(device_type=h.device.type, enabled=False):
+            mm = torch.bfloat16 if bf16 else torch.float32
+            hm, Um_T = h.to(mm), U.to(mm).T  # (M, D), (D, V)
             out = torch.empty(h.shape[0], device=h.device, dtype=torch.float32)  # (M,)
             lse = torch.empty_like(out)
-            mm = torch.bfloat16 if bf16 else torch.float32
-            Um = U.to(mm)
+            buf = torch.empty(min(chunk, h.shape[0]), U.shape[0], device=h.device, dtype=torch.float32)  # (C, V)
             for i in range(0, h.shape[0], chunk):
-                logits = (h[i:i + chunk].to(mm) @ Um.T).float()  # (C, V)
-                lse[i:i + chunk] = torch.logsumexp(logits, dim=-1)
-                out[i:i + chunk] = logits.gather(1, target[i:i + chunk, None])[:, 0] - lse[i:i + chunk]
+                logits = _chunk_logits(hm[i:i + chunk], Um_T, buf)  # (C, V)
+                out[i:i + chunk] = logits.gather(1, target[i:i + chunk, None])[:, 0]
+                m = logits.amax(dim=1, keepdim=True)  # (C, 1)
+                # logsumexp in place: the buffer is overwritten by exp(logits - max)
+                lse[i:i + chunk] = logits.sub_(m).exp_().sum(dim=1).log_().add_(m[:, 0])
+            out.sub_(lse)
         ctx.save_for_backward(h, U, target, lse)
         ctx.chunk, ctx.mm = chunk, mm
         return out
@@ -56,19 +77,29 @@ class _TargetLogprob(torch.autograd.Function):
         mm, chunk = ctx.mm, ctx.chunk
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         grad_U = torch.zeros(U.shape, device=U.device, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        Um = U.to(mm)
         with torch.autocast(device_type=h.device.type, enabled=False):
+            hm, Um = h.to(mm), U.to(mm)  # (M, D), (V, D)
+            buf = torch.empty(min(chunk, h.shape[0]), U.shape[0], device=h.device, dtype=torch.float32)  # (C, V)
+            g = g.float()
             for i in range(0, h.shape[0], chunk):
-                hc = h[i:i + chunk].to(mm)
-                logits = (hc @ Um.T).float()  # (C, V)
-                gc = g[i:i + chunk].float()
-                G = torch.exp(logits - lse[i:i + chunk, None]).mul_(-gc[:, None])  # -softmax * g
-                G.scatter_add_(1, target[i:i + chunk, None], gc[:, None])  # + onehot * g
-                G = G.to(mm)
-                if grad_h is not None:
-                    grad_h[i:i + chunk] = (G @ Um).to(h.dtype)  # (C, D)
-                if grad_U is not None:
-                    grad_U += (G.T @ hc).float()  # (V, D)
+                hc, gc = hm[i:i + chunk], g[i:i + chunk, None]  # (C, D), (C, 1)
+                G = _chunk_logits(hc, Um.T, buf)  # (C, V)
+                G.sub_(lse[i:i + chunk, None]).exp_().mul_(-gc)  # -softmax * g
+                G.scatter_add_(1, target[i:i + chunk, None], gc)  # + onehot * g
+                if mm == torch.float32:
+                    if grad_h is not None:
+                        if grad_h.dtype == torch.float32:
+                            torch.matmul(G, Um, out=grad_h[i:i + chunk])  # (C, D)
+                        else:
+                            grad_h[i:i + chunk] = G @ Um
+                    if grad_U is not None:
+                        grad_U.addmm_(G.T, hc)  # (V, D)
+                else:
+                    Gm = G.to(mm)
+                    if grad_h is not None:
+                        grad_h[i:i + chunk] = (Gm @ Um).to(h.dtype)
+                    if grad_U is not None:
+                        grad_U += (Gm.T @ hc).float()
         return grad_h, None if grad_U is None else grad_U.to(U.dtype), None, None, None
 
 
@@ -76,7 +107,7 @@ def target_logprob(h: torch.Tensor, U: torch.Tensor, target: torch.Tensor, chunk
                    lean: bool = True, bf16: bool = False) -> torch.Tensor:
     """log softmax(h @ U.T)[target]: h (M, D), U (V, D), target (M,) -> (M,) float32."""
     if lean:
-        return _TargetLogprob.apply(h, U, target, chunk or auto_chunk(U.shape[0]), bf16)
+        return _TargetLogprob.apply(h, U, target, chunk or auto_chunk(U.shape[0], h.device.type), bf16)
     mm = torch.bfloat16 if bf16 else h.dtype
     logits = (h.to(mm) @ U.to(mm).T).float()  # (M, V): the naive path holds them all
     return logits.log_softmax(-1).gather(1, target[:, None])[:, 0]

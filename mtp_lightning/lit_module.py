@@ -43,6 +43,7 @@ class CPLightningModule(L.LightningModule):
         })
         self.last_expert_choice: torch.Tensor | None = None  # read by the mixture-health callback
         self.nonfinite_skips = 0
+        self._model_prepared = False
         self._extra_logs: dict[str, torch.Tensor] = {}  # terms beyond cp_objective, for _log_terms
         # distillation in joint mode needs the base model as it was: a frozen copy, kept out of the
         # module tree (never saved, never optimised; moved to the device on first use)
@@ -53,6 +54,16 @@ class CPLightningModule(L.LightningModule):
             teacher = copy.deepcopy(self.model.trunk)
             teacher.frozen = True
             self._teacher.append(teacher.requires_grad_(False).eval())
+
+    def configure_model(self) -> None:
+        """Activation checkpointing, compile and (under ``trainer.strategy=fsdp``) FSDP2 sharding of each
+        block; see ``distributed.py``. Lightning calls this for every strategy, once per fit/validate."""
+        if self._model_prepared:
+            return
+        from mtp_lightning.distributed import prepare_model
+
+        prepare_model(self.model, self.cfg.model, self.device_mesh)
+        self._model_prepared = True
 
     # ---- steps ----------------------------------------------------------------------------------
 
@@ -219,6 +230,8 @@ class CPLightningModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "rng_states" in checkpoint:
             set_rng_states(checkpoint["rng_states"])
+        if "state_dict" not in checkpoint:  # sharded (fsdp): the strategy has loaded the weights itself
+            return
         from mtp_lightning.checkpoint_io import restore_frozen_backbone
 
         # Lightning loads the state dict strictly after this hook: give it the base model's weights

@@ -188,12 +188,14 @@ def plot_all(folder: Path, points: list[dict], et: dict) -> list[str]:
         for ax, title in ((ax1, "joint NLL per token"), (ax2, "next-token NLL")):
             ax.set(xscale="log", xticks=ranks, xticklabels=[str(r) for r in ranks], xlabel="rank r",
                    ylabel="nats (held-out)", title=f"{title} (x: no balancing)")
+            ax.minorticks_off()
         _save(fig, folder / "loss_vs_rank.png")
         fig, (ax,) = _figure(1, 6)
         _against_rank(ax, points, lambda m: m["decoding"]["mean_acceptance_length"], "greedy")
         _against_rank(ax, points, lambda m: m["decoding"]["sampled_mean_acceptance_length"], "sampled", "s")
         ax.set(xscale="log", xticks=ranks, xticklabels=[str(r) for r in ranks], xlabel="rank r",
                ylabel="tokens per verification step", title="mean acceptance length (x: no balancing)")
+        ax.minorticks_off()
         ax.legend()
         _save(fig, folder / "acceptance_vs_rank.png")
         written += ["loss_vs_rank.png", "acceptance_vs_rank.png"]
@@ -213,14 +215,16 @@ def plot_all(folder: Path, points: list[dict], et: dict) -> list[str]:
         written.append("per_position.png")
     pairs = ablation_pairs(points)
     if pairs:
-        fig, axes = _figure(len(pairs), 6)
-        for ax, (with_b, without) in zip(axes, pairs):
-            for i, (p, label) in enumerate(((with_b, "with balancing"), (without, "without"))):
-                wins = sorted(p["metrics"]["heldout"]["expert_wins"], reverse=True)
-                ax.bar([j + (i - 0.5) * 0.4 for j in range(len(wins))], wins, width=0.4, label=label)
-            ax.set(xlabel="expert (sorted by use)", ylabel="share of positions it wins",
-                   title=f"expert usage, r={without['overrides'][RANK]}")
-            ax.legend()
+        fig, axes = _figure(2 * len(pairs))
+        for k, (with_b, without) in enumerate(pairs):
+            for ax, key, what in ((axes[2 * k], "expert_wins", "share of positions it wins"),
+                                  (axes[2 * k + 1], "expert_weight", "mean router weight")):
+                for i, (p, label) in enumerate(((with_b, "with balancing"), (without, "without"))):
+                    use = sorted(p["metrics"]["heldout"][key], reverse=True)
+                    ax.bar([j + (i - 0.5) * 0.4 for j in range(len(use))], use, width=0.4, label=label)
+                ax.set(xlabel="expert (sorted by use)", ylabel=what,
+                       title=f"expert usage, r={without['overrides'][RANK]}")
+                ax.legend()
         _save(fig, folder / "expert_usage.png")
         written.append("expert_usage.png")
     timed = [p for p in done if p["metrics"].get("s_per_step")]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from mtp_lightning.checkpoint_io import (AtomicCheckpointIO, META_KEY, atomic_write_text,
@@ -77,6 +77,9 @@ def check_devices(cfg: Config) -> None:
     on_cpu = not gpu and not torch.cuda.is_available() or t.accelerator == "cpu"
     if t.precision == "16-mixed" and on_cpu:
         raise UserError("trainer.precision=16-mixed needs a GPU; use bf16-mixed or 32-true on the CPU")
+    from mtp_lightning.distributed import check_parallel_config
+
+    check_parallel_config(cfg)
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -135,6 +138,20 @@ def build_callbacks(cfg: Config, paths: RunPaths, n_future: int) -> list:
     return callbacks
 
 
+class ProgressBar(TQDMProgressBar):
+    """Lightning's bar with the loss and tokens/s, without the logger's version tag."""
+
+    def get_metrics(self, trainer, pl_module):
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        monitor = next((c for c in trainer.callbacks if isinstance(c, ThroughputMonitor)), None)
+        throughput = getattr(monitor, "_throughputs", {}).get(trainer.state.stage)
+        tps = throughput.compute().get("device/items_per_sec") if throughput is not None else None
+        if tps is not None:
+            metrics["tok/s"] = f"{float(tps):.0f}"
+        return metrics
+
+
 def build_trainer(cfg: Config, paths: RunPaths | None, n_future: int) -> L.Trainer:
     t = cfg.trainer
     logger = False
@@ -144,9 +161,7 @@ def build_trainer(cfg: Config, paths: RunPaths | None, n_future: int) -> L.Train
                                    default_hp_metric=False)
         callbacks = build_callbacks(cfg, paths, n_future)
     if t.progress_bar:
-        from lightning.pytorch.callbacks import TQDMProgressBar
-
-        callbacks.append(TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps // 2)))
+        callbacks.append(ProgressBar(refresh_rate=max(1, t.log_every_n_steps // 2)))
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, strategy=build_strategy(cfg), precision=resolve_precision(cfg),
         max_steps=t.max_steps, max_epochs=-1, val_check_interval=t.val_check_interval,
@@ -216,6 +231,9 @@ def fit(files: list[str], overrides: list[str], resume: str | None = None) -> tu
             raise UserError(f"run '{cfg.run.name}' already exists at '{run_dir}'; continue it with "
                             f"`fit --resume last run.name={cfg.run.name}` or pick another run.name")
     check_devices(cfg)
+    if ckpt_path is not None and ckpt_path.is_dir() and cfg.trainer.strategy != "fsdp":
+        raise UserError(f"'{ckpt_path}' is a sharded checkpoint written under trainer.strategy=fsdp; resume it "
+                        f"with trainer.strategy=fsdp (validate, test and generate read it as it is)")
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     dm, module, tok = build_data_and_module(cfg, tokenizer_json)
     if ckpt is not None:

@@ -237,6 +237,11 @@ def test_heads_only_fit_keeps_backbone_bit_identical(heads_only_run):
     # only the heads have optimizer state
     n_opt = sum(len(g["params"]) for g in ckpt["optimizer_states"][0]["param_groups"])
     assert n_opt == len(list(model.heads.parameters()))
+    # the acceptance callback measured real speculative decoding with the base model's own LM head
+    from tests.test_fit import tb_scalars
+
+    tags = tb_scalars(run)
+    assert "spec/mean_acceptance_length" in tags and "train/distill_kl" in tags
 
 
 def test_heads_only_resume_and_bench(heads_only_run, capsys, tmp_path):
@@ -254,6 +259,8 @@ def test_heads_only_resume_and_bench(heads_only_run, capsys, tmp_path):
     assert main(["generate", "--ckpt", str(run / "checkpoints" / "last.ckpt"), "--prompt", "def f(x):",
                  "--max-new-tokens", "8", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["tokens"]) == 8
+    assert main(["validate", "--ckpt", str(run / "checkpoints" / "last.ckpt")]) == 0
+    assert "val/distill_kl" in capsys.readouterr().out
 
 
 def test_changed_base_model_is_refused(heads_only_run, tmp_path):
@@ -275,7 +282,7 @@ def test_joint_fit_updates_the_backbone(tmp_path):
     folder = make_tiny_hf(tmp_path / "llama", "llama")
     code = main(fit_args(folder, tmp_path / "runs", "joint", "model.backbone.train_mode=joint",
                          "optim.lr=1e-3", "optim.head_lr=3e-3", "model.loss.lm_head_weight=0.5",
-                         "trainer.max_steps=4"))
+                         "model.loss.distill_weight=0.5", "trainer.max_steps=4"))
     assert code == 0
     path = tmp_path / "runs" / "joint" / "checkpoints" / "last.ckpt"
     ckpt = safe_load(path)
@@ -286,6 +293,25 @@ def test_joint_fit_updates_the_backbone(tmp_path):
     trunk = model.trunk.lm.state_dict()
     changed = [k for k, v in base_weights(folder).items() if not torch.equal(trunk[k], v)]
     assert len(changed) > len(trunk) // 2
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_ddp_with_a_frozen_backbone(tmp_path):
+    """Two CPU processes (gloo): DDP syncs only the heads; the checkpoint still omits the backbone."""
+    from mtp_lightning.checkpoint_io import META_KEY, load_for_inference, safe_load
+
+    folder = make_tiny_hf(tmp_path / "gpt2", "gpt2")
+    code = main(fit_args(folder, tmp_path / "runs", "ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                         "trainer.strategy=ddp_spawn", "trainer.max_steps=4", "checkpoint.every_n_steps=2"))
+    assert code == 0
+    path = tmp_path / "runs" / "ddp" / "checkpoints" / "last.ckpt"
+    ckpt = safe_load(path)
+    assert ckpt["global_step"] == 4 and "base_model" in ckpt[META_KEY]
+    assert not any(k.startswith("model.trunk.") for k in ckpt["state_dict"])
+    model, _, _ = load_for_inference(path)
+    trunk = model.trunk.lm.state_dict()
+    assert all(torch.equal(trunk[k], v) for k, v in base_weights(folder).items())
 
 
 # ---- errors and scale -----------------------------------------------------------------------------

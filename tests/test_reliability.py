@@ -45,7 +45,6 @@ def global_step(ckpt: Path) -> int:
         return -1
 
 
-@pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted_run_bit_for_bit(tmp_path):
     ref = cli("fit", "--config", CONF, f"run.root={tmp_path}", "run.name=ref", *EXACT)
     assert ref.wait(timeout=300) == 0, ref.stderr.read()
@@ -73,7 +72,6 @@ def test_sigkill_then_resume_matches_uninterrupted_run_bit_for_bit(tmp_path):
         assert la[step] == lb[step], step
 
 
-@pytest.mark.slow
 def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint(tmp_path):
     args = ["fit", "--config", CONF, f"run.root={tmp_path}", "run.name=term", "trainer.progress_bar=false",
             "spec.every_n_val=0", "trainer.max_steps=100000", "trainer.val_check_interval=1000",

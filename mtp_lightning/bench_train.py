@@ -1,0 +1,288 @@
+"""``python -m mtp_lightning bench-train``: what a training step costs, in time and peak memory.
+
+Rows, all on the same trunk and the same batch x time tokens (random ids: the cost does not depend on
+them), at each vocabulary asked for:
+- ``ntp``: plain next-token training, ``cross_entropy(z @ U^T, y)`` with the whole logits tensor;
+- ``ntp-lean``: the same loss through the chunked ``target_logprob``;
+- CP heads at each (n, r), with the ``naive`` loss (every n*r logits tensor held) and the ``lean`` one.
+
+A step is forward, backward and an AdamW update. Each row runs in a fresh process, so its peak
+resident memory (``ru_maxrss``) is its own; glibc is told to return every block of 64 KiB or more to
+the system when it is freed (``MALLOC_MMAP_THRESHOLD_``), so the high-water mark follows live tensors.
+``step_peak_mib`` is that peak minus the resident memory just before the model was built: the model,
+its gradients and optimizer state, the batch and the step's activations. The backward pass is split
+at the trunk's output (detached leaves), which times the heads and loss (``loss_s``) apart from the
+trunk with no extra work.
+
+FLOP floor: the n*r unembedding products of a step cost at least 3 * 2*N*V*D each (the logits, then
+the gradients of h and of U), 6*n*r*N*V*D in all; the lean loss does one more product per chunk (the
+recomputed logits), 8*n*r*N*V*D. ``floor_s`` is the floor at the matmul rate measured in the same
+process for the loss's own shapes; ``floor_s / loss_s`` is how close the loss gets to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+WORKER_FLAG = "--worker"
+
+
+# ---- one row, in its own process ----------------------------------------------------------------
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _matmul_gflops(d: int, vocab: int, rows: int = 1024, reps: int = 3) -> float:
+    """fp32 GFLOP/s of (rows, D) @ (D, V) here: the shape of the loss's products."""
+    import torch
+
+    h, U = torch.randn(rows, d), torch.randn(vocab, d)
+    out = torch.empty(rows, vocab)
+    torch.matmul(h, U.T, out=out)
+    t = time.perf_counter()
+    for _ in range(reps):
+        torch.matmul(h, U.T, out=out)
+    return 2 * rows * vocab * d * reps / (time.perf_counter() - t) / 1e9
+
+
+def run_row(spec: dict) -> dict:
+    """One setting: build, warm up, time. Returns the row (also printed as JSON by the worker)."""
+    import torch
+    import torch.nn.functional as F
+
+    from mtp_lightning.config import GPTConfig, HeadsConfig, LossConfig, ModelConfig
+    from mtp_lightning.cp_loss import cp_objective, target_logprob
+    from mtp_lightning.model.cp_model import CPModel
+    from mtp_lightning.model.gpt import GPT
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    rss_before = _rss_mib()
+    B, T, V, D = spec["batch"], spec["seq"], spec["vocab"], spec["d_model"]
+    n, r, kind = spec["n"], spec["r"], spec["kind"]
+    gpt = GPTConfig(n_layer=spec["layers"], n_head=spec["heads"], d_model=D, max_seq_len=T, vocab_size=V)
+    if kind.startswith("ntp"):
+        model = GPT(gpt)
+    else:
+        model = CPModel(ModelConfig(gpt=gpt, heads=HeadsConfig(n_future=n, rank=r, kind="mlp")))
+    loss_cfg = LossConfig(balance="switch", next_token_weight=0.0, lm_head_weight=0.0, position_fraction=1.0,
+                          lean=kind == "lean")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, V, (B, T), generator=g)  # (B, T)
+    y = torch.randint(0, V, (B, T, max(n, 1)), generator=g)  # (B, T, n)
+
+    def step() -> tuple[float, float]:
+        t0 = time.perf_counter()
+        if kind.startswith("ntp"):
+            z = model(x)  # (B, T, D)
+            outs = [z]
+        else:
+            z, states = model(x)  # (B, T, D), n x (B, T, D)
+            outs = [z, *states]
+        leaves = [o.detach().requires_grad_() for o in outs]
+        t1 = time.perf_counter()
+        if kind == "ntp":
+            loss = F.cross_entropy((leaves[0] @ model.unembedding.T).view(B * T, V), y[..., 0].reshape(-1))
+        elif kind == "ntp-lean":
+            loss = -target_logprob(leaves[0].reshape(B * T, D), model.unembedding, y[..., 0].reshape(-1)).mean()
+        else:
+            loss = cp_objective(model.heads, leaves[0], leaves[1:], model.unembedding, y, loss_cfg).loss
+        loss.backward()
+        t2 = time.perf_counter()
+        torch.autograd.backward(outs, [leaf.grad for leaf in leaves])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0, t2 - t1
+
+    for _ in range(spec["warmup"]):
+        step()
+    times = [step() for _ in range(spec["steps"])]
+    step_s = min(t for t, _ in times)
+    loss_s = min(t for _, t in times)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    products = 1 if kind.startswith("ntp") else n * r
+    floor = 6.0 * products * B * T * V * D
+    rate = _matmul_gflops(D, V)
+    return {**spec, "products": products, "step_s": step_s, "loss_s": loss_s, "tokens_per_s": B * T / step_s,
+            "peak_rss_mib": peak, "step_peak_mib": peak - rss_before, "matmul_gflops": rate,
+            "floor_gflop": floor / 1e9, "floor_s": floor / 1e9 / rate, "floor_over_loss": floor / 1e9 / rate / loss_s}
+
+
+def _worker() -> None:
+    spec = json.loads(sys.argv[sys.argv.index(WORKER_FLAG) + 1])
+    print(json.dumps(run_row(spec)))
+
+
+# ---- the table ------------------------------------------------------------------------------------
+
+def naive_bytes(spec: dict) -> int:
+    """Float32 vocabulary-sized tensors the naive CP loss holds at its peak: the n*r saved
+    log-softmax outputs, plus two more of one offset's size during its backward."""
+    N, V, n, r = spec["batch"] * spec["seq"], spec["vocab"], spec["n"], spec["r"]
+    return 4 * N * V * (n * r + 2 * r)
+
+
+def build_specs(args) -> list[dict]:
+    base = {"batch": args.batch, "seq": args.seq, "layers": args.layers, "heads": args.heads,
+            "d_model": args.d_model, "warmup": args.warmup, "steps": args.steps, "threads": args.threads}
+    specs = []
+    for V in args.vocab:
+        specs.append({**base, "vocab": V, "n": 1, "r": 1, "kind": "ntp"})
+        specs.append({**base, "vocab": V, "n": 1, "r": 1, "kind": "ntp-lean"})
+        for nr in args.nr:
+            n, r = (int(v) for v in nr.lower().split("x"))
+            for kind in ("naive", "lean"):
+                specs.append({**base, "vocab": V, "n": n, "r": r, "kind": kind})
+    return specs
+
+
+def run_specs(specs: list[dict], budget_gib: float, log=print) -> list[dict]:
+    rows = []
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    for spec in specs:
+        label = f"V={spec['vocab']} {spec['kind']} n={spec['n']} r={spec['r']}"
+        if spec["kind"] == "naive" and naive_bytes(spec) > budget_gib * 2**30:
+            need = naive_bytes(spec) / 2**30
+            rows.append({**spec, "skipped": f"naive loss would hold ~{need:.1f} GiB of logits "
+                                            f"(> --mem-budget-gib {budget_gib:g})"})
+            log(f"  {label}: skipped ({rows[-1]['skipped']})")
+            continue
+        cmd = [sys.executable, "-m", "mtp_lightning.bench_train", WORKER_FLAG, json.dumps(spec)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or ["?"])[-1][:200]
+            rows.append({**spec, "skipped": f"failed: {tail}"})
+            log(f"  {label}: failed ({tail})")
+            continue
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        log(f"  {label}: {row['step_s']:.2f} s/step, peak {row['step_peak_mib']:.0f} MiB")
+    return rows
+
+
+def summarise(rows: list[dict]) -> dict:
+    """The issue's targets, from the measured rows."""
+    done = [r for r in rows if "skipped" not in r]
+
+    def find(V, kind, n=1, r=1):
+        return next((x for x in done if x["vocab"] == V and x["kind"] == kind and x["n"] == n and x["r"] == r),
+                    None)
+
+    memory = []
+    for row in done:
+        base = find(row["vocab"], "ntp")
+        if row["kind"] in ("lean", "naive") and base is not None:
+            memory.append({"vocab": row["vocab"], "n": row["n"], "r": row["r"], "loss": row["kind"],
+                           "ratio_to_ntp": row["step_peak_mib"] / base["step_peak_mib"],
+                           "tokens": row["batch"] * row["seq"]})
+    speed = []
+    for row in done:
+        if row["kind"] == "lean":
+            naive = find(row["vocab"], "naive", row["n"], row["r"])
+            if naive is not None:
+                speed.append({"vocab": row["vocab"], "n": row["n"], "r": row["r"], "lean_s": row["step_s"],
+                              "naive_s": naive["step_s"], "lean_le_naive": row["step_s"] <= naive["step_s"]})
+    return {"memory_vs_ntp": memory, "lean_vs_naive": speed,
+            "floor": [{"vocab": x["vocab"], "n": x["n"], "r": x["r"], "loss": x["kind"],
+                       "floor_over_loss": x["floor_over_loss"]} for x in done if x["kind"] in ("lean", "naive")]}
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ("| vocab | model | loss | step s | tokens/s | heads+loss s | peak MiB (step) | x ntp peak "
+            "| floor GFLOP | floor / loss time |")
+    lines = [head, "| " + " | ".join(["---"] * (head.count("|") - 1)) + " |"]
+    ntp_peak = {x["vocab"]: x["step_peak_mib"] for x in rows if x["kind"] == "ntp" and "skipped" not in x}
+    for x in rows:
+        model = "next-token" if x["kind"].startswith("ntp") else f"CP n={x['n']} r={x['r']}"
+        loss = {"ntp": "full logits", "ntp-lean": "lean", "naive": "naive", "lean": "lean"}[x["kind"]]
+        if "skipped" in x:
+            lines.append(f"| {x['vocab']} | {model} | {loss} | - | - | - | - | - | - | {x['skipped']} |")
+            continue
+        ratio = x["step_peak_mib"] / ntp_peak[x["vocab"]] if x["vocab"] in ntp_peak else float("nan")
+        lines.append(f"| {x['vocab']} | {model} | {loss} | {x['step_s']:.2f} | {x['tokens_per_s']:,.0f} | "
+                     f"{x['loss_s']:.2f} | {x['step_peak_mib']:,.0f} | {ratio:.2f} | {x['floor_gflop']:,.0f} | "
+                     f"{x['floor_over_loss']:.2f} |")
+    return "\n".join(lines)
+
+
+def machine() -> dict:
+    import torch
+
+    model = platform.processor()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        model = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), model)
+    except OSError:
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "load_average_1min": os.getloadavg()[0], "gpu": torch.cuda.get_device_name(0)
+            if torch.cuda.is_available() else None}
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces this run, every option spelled out."""
+    parts = ["python -m mtp_lightning bench-train"]
+    for key in ("vocab", "nr", "batch", "seq", "layers", "heads", "d_model", "warmup", "steps", "threads",
+                "mem_budget_gib"):
+        value = getattr(args, key)
+        parts.append(f"--{key.replace('_', '-')} " + (" ".join(map(str, value)) if isinstance(value, list)
+                                                       else str(value)))
+    return " ".join(parts)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vocab", type=int, nargs="+", default=[4096, 32768])
+    p.add_argument("--nr", nargs="+", default=["2x2", "4x4", "4x8"], metavar="NxR", help="CP (n, r) settings")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per row")
+    p.add_argument("--steps", type=int, default=1, help="timed steps per row (the fastest is kept)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--mem-budget-gib", type=float, default=8.0,
+                   help="skip a naive row whose logits alone would exceed this")
+    p.add_argument("--json", metavar="OUT", default="bench_train.json", help="where to write the results")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mtp_lightning.errors import UserError
+
+    bad = [nr for nr in args.nr if len(nr.lower().split("x")) != 2 or not all(v.isdigit() and int(v) > 0
+                                                                              for v in nr.lower().split("x"))]
+    if bad:
+        raise UserError(f"--nr {bad[0]!r} is not of the form NxR with positive integers (e.g. 4x8)")
+    if min(args.vocab) < 2 or args.batch < 1 or args.seq < 2 or args.steps < 1 or args.d_model % args.heads:
+        raise UserError("bench-train needs --vocab >= 2, --batch >= 1, --seq >= 2, --steps >= 1 and "
+                        "--heads dividing --d-model")
+    specs = build_specs(args)
+    print(f"bench-train: {len(specs)} rows, {args.batch} x {args.seq} tokens, {args.layers} layers, "
+          f"d={args.d_model}", file=sys.stderr)
+    rows = run_specs(specs, args.mem_budget_gib, log=lambda s: print(s, file=sys.stderr))
+    result = {"command": command_line(args),
+              "machine": machine(), "rows": rows, "targets": summarise(rows)}
+    print(format_table(rows))
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__" and WORKER_FLAG in sys.argv:
+    _worker()

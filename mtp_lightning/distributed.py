@@ -1,0 +1,167 @@
+"""Training on several processes: the FSDP2 strategy, per-block sharding, activation checkpointing,
+compile, sharded checkpoints, and the combinations that are refused up front.
+
+- ``trainer.strategy=fsdp`` is FSDP2 (``torch.distributed.fsdp.fully_shard``) through Lightning's
+  ``ModelParallelStrategy``: one data-parallel mesh over every process (tensor-parallel size 1), gloo on
+  a CPU and NCCL on GPUs. ``CPLightningModule.configure_model`` calls ``prepare_model``, which shards
+  each transformer ``Block`` (the trunk's, and the heads' with ``model.heads.kind=block``), then the root
+  ``CPModel``. The root group holds the embeddings, the final norm and the heads' factor maps.
+- The tied embedding is also the unembedding U, which the loss uses outside ``CPModel.forward``. That is
+  sound because FSDP2 leaves the root unsharded from its forward until its backward (it does not
+  reshard the root after forward), so the loss multiplies by the full U and U's gradient from the loss
+  joins the root's reduce-scatter. Decoding in the acceptance callback runs after a validation forward,
+  so the root is unsharded there too; each block all-gathers its own weights in its forward hook.
+- Activation checkpointing and compile wrap each block's ``forward`` on the instance instead of the
+  module, so parameter names (and checkpoints) are the same under every strategy and option. Decoding
+  (a KV cache) always runs the plain eager forward: its shapes change at every step.
+- A sharded checkpoint is a folder: one shard file per rank (torch.distributed.checkpoint) and
+  ``meta.pt`` with everything else (the loops, the callbacks, ``checkpoint["mtp_lightning"]``).
+  ``load_sharded_checkpoint`` reads one back in a single process, without a process group, for
+  ``--resume last``, ``validate``, ``test`` and ``generate``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from mtp_lightning.config import Config, ModelConfig
+from mtp_lightning.errors import UserError
+
+SHARDED_META = "meta.pt"  # the file Lightning's ModelParallelStrategy writes beside the shards
+
+
+# ---- what is refused --------------------------------------------------------------------------------
+
+def check_parallel_config(cfg: Config) -> None:
+    """Refuse, in one message, strategy/precision/option combinations that cannot work here."""
+    t, m = cfg.trainer, cfg.model
+    errors: list[str] = []
+    if t.strategy == "fsdp" and t.precision == "16-mixed":
+        errors.append("trainer.strategy=fsdp with trainer.precision=16-mixed: Lightning's ModelParallelStrategy "
+                      "(FSDP2) has no fp16 loss scaling; use bf16-mixed or 32-true")
+    if m.backbone.kind == "hf" and (t.strategy == "fsdp" or m.activation_checkpointing):
+        what = "trainer.strategy=fsdp" if t.strategy == "fsdp" else "model.activation_checkpointing=true"
+        errors.append(f"{what} with model.backbone.kind=hf: sharding and checkpointing apply to the gpt "
+                      f"trunk's blocks only; use model.backbone.kind=gpt, or trainer.strategy=ddp and "
+                      f"model.activation_checkpointing=false")
+    if t.strategy in ("ddp", "ddp_spawn", "fsdp") and isinstance(t.devices, int) and t.devices == 0:
+        errors.append(f"trainer.strategy={t.strategy} with trainer.devices=0; give the number of processes")
+    if errors:
+        raise UserError("unsupported combination: " + "; ".join(errors))
+
+
+# ---- the strategy -----------------------------------------------------------------------------------
+
+def fsdp_strategy(cfg: Config):
+    """Lightning's ModelParallelStrategy set up as plain FSDP2: every process is one data-parallel shard."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    class FSDP2Strategy(ModelParallelStrategy):
+        # ModelParallelStrategy's "auto" sizes put the processes of a node on the tensor-parallel axis;
+        # sharding only needs the data-parallel one, sized once the process count is known
+        def setup_environment(self) -> None:
+            self._data_parallel_size = self.num_nodes * self.num_processes
+            self._tensor_parallel_size = 1
+            super().setup_environment()
+
+    on_gpu = cfg.trainer.accelerator in ("gpu", "cuda") or (cfg.trainer.accelerator == "auto"
+                                                            and torch.cuda.is_available())
+    return FSDP2Strategy(process_group_backend="nccl" if on_gpu else "gloo", save_distributed_checkpoint=True)
+
+
+# ---- model preparation ------------------------------------------------------------------------------
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """Every transformer layer of the model (trunk first, then ``block`` heads), in module order."""
+    from mtp_lightning.model.gpt import Block
+
+    return [m for m in model.modules() if isinstance(m, Block)]
+
+
+def wrap_block_forward(block: nn.Module, checkpoint: bool, compile: bool) -> None:
+    """Activation checkpointing and/or torch.compile for the training path of one block.
+
+    The wrapped forward is set on the instance, so parameter names stay the same, and hooks on the
+    module (FSDP2's all-gather and reshard) still run around it. During backward, the recomputation
+    runs the block's eager forward; FSDP2 has unsharded the block's weights for backward by then.
+    """
+    eager = block.forward
+    plain = torch.compile(eager) if compile else eager
+    if checkpoint:
+        def checkpointed(x: torch.Tensor) -> torch.Tensor:
+            return torch.utils.checkpoint.checkpoint(eager, x, use_reentrant=False)
+
+        if compile:
+            checkpointed = torch.compile(checkpointed)
+
+    def forward(x: torch.Tensor, cache=None) -> torch.Tensor:
+        if cache is not None:  # decoding: shapes change at every step, and nothing is kept for backward
+            return eager(x, cache)
+        if checkpoint and torch.is_grad_enabled():
+            return checkpointed(x)
+        return plain(x)
+
+    block.forward = forward
+
+
+def prepare_model(model: nn.Module, cfg: ModelConfig, device_mesh=None) -> None:
+    """Activation checkpointing, compile, then (given a device mesh) FSDP2 sharding per block and root.
+
+    The order follows torchtitan: checkpointing inside compile inside sharding.
+    """
+    blocks = transformer_blocks(model)
+    if cfg.activation_checkpointing or cfg.compile:
+        for block in blocks:
+            wrap_block_forward(block, cfg.activation_checkpointing, cfg.compile)
+    if device_mesh is None:
+        return
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = device_mesh["data_parallel"] if device_mesh.mesh_dim_names else device_mesh
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+# ---- sharded checkpoints ----------------------------------------------------------------------------
+
+def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
+    path = Path(path)
+    return path.is_dir() and (path / SHARDED_META).is_file()
+
+
+def load_sharded_checkpoint(path: str | os.PathLike) -> dict:
+    """A sharded checkpoint folder as one checkpoint dict with full tensors, read in this process alone.
+
+    The optimizer's shards are left out: what needs them (``fit --resume`` under ``trainer.strategy=fsdp``)
+    has the strategy read the folder itself.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    path = Path(path)
+    if not is_sharded_checkpoint(path):
+        raise UserError(f"checkpoint folder '{path}' has no {SHARDED_META}: it is not a complete sharded "
+                        f"checkpoint; use an earlier one from the same checkpoints/ folder")
+    try:
+        ckpt = torch.load(path / SHARDED_META, map_location="cpu", weights_only=True)
+        reader = dcp.FileSystemReader(str(path))
+        entries = reader.read_metadata().state_dict_metadata
+        state = {key: torch.empty(md.size, dtype=md.properties.dtype) for key, md in entries.items()
+                 if key.startswith("state_dict.") and isinstance(md, TensorStorageMetadata)}
+        dcp.load(state, storage_reader=reader, no_dist=True)
+    except (Exception, CheckpointException) as e:  # a lost shard, a truncated file: one line
+        if isinstance(e, CheckpointException):  # the reader's own error, wrapped per rank
+            e = next(iter(e.failures.values()))[0]
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise UserError(f"sharded checkpoint '{path}' cannot be read ({first}); use an earlier one from the "
+                        f"same checkpoints/ folder") from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f"'{path / SHARDED_META}' is not a checkpoint's metadata")
+    ckpt["state_dict"] = {key.removeprefix("state_dict."): value for key, value in state.items()}
+    return ckpt

@@ -1,0 +1,238 @@
+"""Strategies, sharding and their checkpoints, on CPU.
+
+Fast: the refused combinations; activation checkpointing that leaves names and gradients unchanged;
+sharded checkpoints read back in one process; FSDP2 per-block sharding over 2 gloo processes giving the
+full-batch gradients (the tied unembedding is used by the loss outside the root's forward).
+Slow (``-m slow``): real ``fit`` runs of the smoke preset under ``ddp`` and ``fsdp`` on 2 processes,
+checked against one process on the same global batch, resumed with ``--resume last``, with the
+speculative-acceptance callback on.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from mtp_lightning.checkpoint_io import META_KEY, find_resume_checkpoint, safe_load
+from mtp_lightning.cli import main
+from mtp_lightning.config import LossConfig, load_config
+from mtp_lightning.cp_loss import cp_objective
+from mtp_lightning.data.packing import split_window
+from mtp_lightning.distributed import is_sharded_checkpoint, prepare_model
+from mtp_lightning.errors import UserError
+from mtp_lightning.model.cp_model import CPModel
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = str(ROOT / "conf" / "smoke.yaml")
+# the loss terms that are per-position means: with them, 2 ranks x B is the same objective as 1 x 2B
+# (a balancing loss is a statistic of each rank's own positions, so it differs slightly across ranks)
+EXACT = ["model.loss.balance=none", "model.loss.position_fraction=1.0", "model.loss.next_token_weight=1.0",
+         "model.loss.lm_head_weight=0.0"]
+
+
+def tiny(kind: str = "mlp", **loss) -> tuple[CPModel, LossConfig]:
+    cfg = load_config(overrides=["model.gpt.n_layer=2", "model.gpt.d_model=16", "model.gpt.n_head=2",
+                                 "model.gpt.max_seq_len=32", "data.seq_len=12", "model.heads.n_future=3",
+                                 "model.heads.rank=2", f"model.heads.kind={kind}", "spec.every_n_val=0"])
+    cfg.model.gpt.vocab_size = 40
+    torch.manual_seed(0)
+    return CPModel(cfg.model), LossConfig(balance="none", position_fraction=1.0, **loss)
+
+
+def grads_of(model: CPModel, window: torch.Tensor, loss_cfg: LossConfig) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    inputs, targets = split_window(window, model.n_future)
+    z, states = model(inputs)
+    cp_objective(model.heads, z, states, model.unembedding, targets, loss_cfg).loss.backward()
+    return {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
+# ---- refused up front ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides, message", [
+    (["trainer.strategy=fsdp", "trainer.precision=16-mixed"], "trainer.precision=16-mixed"),
+    (["trainer.strategy=fsdp", "model.backbone.kind=hf", "model.backbone.name_or_path=x"], "gpt trunk's blocks"),
+    (["model.activation_checkpointing=true", "model.backbone.kind=hf", "model.backbone.name_or_path=x"],
+     "gpt trunk's blocks"),
+])
+def test_refused_combinations_are_one_line(tmp_path, capsys, overrides, message):
+    code = main(["fit", "--config", CONF, f"run.root={tmp_path}", "trainer.accelerator=cpu", *overrides])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and "\n" not in err
+    assert not (tmp_path / "smoke").exists()
+
+
+def test_sharded_checkpoint_needs_fsdp_to_resume(tmp_path, capsys):
+    ckpt = tmp_path / "smoke" / "checkpoints" / "last.ckpt"
+    write_sharded_checkpoint(ckpt)
+    code = main(["fit", "--config", CONF, "--resume", "last", f"run.root={tmp_path}", "trainer.strategy=ddp"])
+    err = capsys.readouterr().err
+    assert code == 2 and "sharded checkpoint" in err and "trainer.strategy=fsdp" in err
+
+
+# ---- one process ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["mlp", "block"])
+def test_activation_checkpointing_keeps_names_gradients_and_decoding(kind):
+    model, loss_cfg = tiny(kind)
+    window = torch.randint(0, 40, (3, 12 + 3), generator=torch.Generator().manual_seed(1))
+    expected = grads_of(model, window, loss_cfg)
+    names = list(model.state_dict())
+    prepare_model(model, load_config(overrides=["model.activation_checkpointing=true"]).model)
+    assert list(model.state_dict()) == names
+    got = grads_of(model, window, loss_cfg)
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-7, msg=k)
+    # decoding (a KV cache) runs the eager forward and still matches the full forward
+    model.eval()
+    with torch.no_grad():
+        cache = model.new_cache(2, 16)
+        z_cached, _ = model.extend(window[:2, :6], cache)
+        z_full, _ = model(window[:2, :6])
+    torch.testing.assert_close(z_cached, z_full, rtol=1e-5, atol=1e-6)
+
+
+def write_sharded_checkpoint(folder: Path, step: int = 7) -> dict:
+    """What ModelParallelStrategy writes, made in one process: shards of the state dict and meta.pt."""
+    import torch.distributed.checkpoint as dcp
+
+    model, _ = tiny()
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    folder.mkdir(parents=True)
+    dcp.save({"state_dict": state}, checkpoint_id=str(folder), no_dist=True)
+    meta = {"global_step": step, META_KEY: {"format": 1, "code_version": "x", "config": {}, "tokenizer": "{}"}}
+    torch.save(meta, folder / "meta.pt")
+    return state
+
+
+def test_sharded_checkpoint_reads_back_in_one_process(tmp_path):
+    checkpoints = tmp_path / "run" / "checkpoints"
+    state = write_sharded_checkpoint(checkpoints / "last.ckpt")
+    assert is_sharded_checkpoint(checkpoints / "last.ckpt")
+    ckpt = safe_load(checkpoints / "last.ckpt")
+    assert ckpt["global_step"] == 7 and ckpt[META_KEY]["tokenizer"] == "{}"
+    assert ckpt["state_dict"].keys() == state.keys()
+    for k, v in state.items():
+        assert torch.equal(ckpt["state_dict"][k], v), k
+    assert find_resume_checkpoint(tmp_path / "run") == checkpoints / "last.ckpt"
+    # a lost shard is one clear error, and --resume last falls back to the newest readable checkpoint
+    write_sharded_checkpoint(checkpoints / "step0000004.ckpt", step=4)
+    for shard in (checkpoints / "last.ckpt").glob("*.distcp"):
+        shard.unlink()
+    with pytest.raises(UserError, match="cannot be read"):
+        safe_load(checkpoints / "last.ckpt")
+    assert find_resume_checkpoint(tmp_path / "run") == checkpoints / "step0000004.ckpt"
+
+
+# ---- FSDP2 over two processes -------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("data_parallel",))
+        results = {}
+        for kind in ("mlp", "block"):  # block heads are transformer layers, sharded like the trunk's
+            model, loss_cfg = tiny(kind, next_token_weight=0.5)
+            window = torch.randint(0, 40, (4, 12 + 3), generator=torch.Generator().manual_seed(1))
+            expected = grads_of(model, window, loss_cfg)  # one process, the whole batch
+            prepare_model(model, load_config(overrides=["model.activation_checkpointing=true"]).model, mesh)
+            half = window.shape[0] // world
+            got = grads_of(model, window[rank * half:(rank + 1) * half], loss_cfg)  # this rank's half
+            worst = max((got[k].full_tensor() - expected[k]).abs().max().item() for k in expected)
+            # decoding after a forward: the root stays unsharded, each block gathers its own weights
+            with torch.no_grad():
+                model(window[:1, :4])
+                z, _ = model.extend(window[:1, :4], model.new_cache(1, 16))
+            results[kind] = {"worst": worst, "names": sorted(got), "z": z}
+        if rank == 0:
+            torch.save(results, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_fsdp2_per_block_sharding_gives_full_batch_gradients(tmp_path):
+    out = str(tmp_path / "result.pt")
+    mp.start_processes(_fsdp_worker, args=(2, _free_port(), out), nprocs=2, join=True, start_method="spawn")
+    results = torch.load(out, weights_only=True)
+    for kind, result in results.items():
+        model, _ = tiny(kind)
+        assert result["names"] == sorted(n for n, _ in model.named_parameters()), kind
+        assert result["worst"] < 1e-6, (kind, result["worst"])
+        assert result["z"].shape == (1, 4, 16) and torch.isfinite(result["z"]).all(), kind
+
+
+# ---- real fits on two processes (slow) ------------------------------------------------------------------
+
+def fit_cli(root: Path, name: str, *overrides: str, resume: bool = False) -> None:
+    """``python -m mtp_lightning fit`` in a subprocess (Lightning's DDP launcher re-runs the command)."""
+    cmd = [sys.executable, "-m", "mtp_lightning", "fit", "--config", CONF, f"run.root={root}", f"run.name={name}",
+           "trainer.accelerator=cpu", "trainer.progress_bar=false", *EXACT, *overrides]
+    if resume:
+        cmd[4:4] = ["--resume", "last"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def val_losses(run: Path) -> tuple[list[tuple[int, float]], list[str]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    ea.Reload()
+    return [(e.step, e.value) for e in ea.Scalars("val/loss")], ea.Tags()["scalars"]
+
+
+STEPS = ["trainer.val_check_interval=2", "checkpoint.every_n_steps=2", "trainer.log_every_n_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def single_process_run(tmp_path_factory):
+    """One process, batch 2B = 16, six steps: the reference for 2 processes x B = 8."""
+    root = tmp_path_factory.mktemp("single")
+    # validation sees the same 16 windows as the 2-process runs (2 batches of 8 there, 1 of 16 here)
+    fit_cli(root, "ref", "data.batch_size=16", "trainer.limit_val_batches=1", "trainer.max_steps=6", *STEPS)
+    return root / "ref"
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_process_fit_resume_matches_single_process(tmp_path, single_process_run, strategy):
+    common = [f"trainer.strategy={strategy}", "trainer.devices=2", "data.batch_size=8", "trainer.limit_val_batches=2",
+              *STEPS]
+    fit_cli(tmp_path, "multi", "trainer.max_steps=4", *common)
+    last = tmp_path / "multi" / "checkpoints" / "last.ckpt"
+    assert last.is_dir() == (strategy == "fsdp") and is_sharded_checkpoint(last) == (strategy == "fsdp")
+    assert safe_load(last)["global_step"] == 4
+    fit_cli(tmp_path, "multi", "trainer.max_steps=6", *common, resume=True)
+    multi = safe_load(last)
+    ref = safe_load(single_process_run / "checkpoints" / "last.ckpt")
+    assert multi["global_step"] == ref["global_step"] == 6
+    assert multi[META_KEY]["config"]["trainer"]["strategy"] == strategy
+    # weights after 4 steps, a resume and 2 more: the same as one process on the same global batches
+    for k, v in ref["state_dict"].items():
+        torch.testing.assert_close(multi["state_dict"][k], v, rtol=0, atol=1e-5, msg=k)
+    (ref_val, _), (multi_val, tags) = val_losses(single_process_run), val_losses(tmp_path / "multi")
+    assert [s for s, _ in multi_val] == [s for s, _ in ref_val] == [1, 3, 5]
+    for (_, a), (_, b) in zip(multi_val, ref_val):
+        assert a == pytest.approx(b, rel=1e-5)
+    # the speculative-acceptance callback ran at each validation on both ranks (no deadlock)
+    assert "spec/mean_acceptance_length" in tags and "spec/acceptance_rate" in tags

@@ -116,6 +116,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
+        if Path(path).name == ".temp.ckpt":  # ddp_spawn hands the trained weights back as a bare state dict
+            return torch.load(path, map_location="cpu", weights_only=True)
         return safe_load(path)
 
 

@@ -43,13 +43,14 @@ def check_parallel_config(cfg: Config) -> None:
     if t.strategy == "fsdp" and t.precision == "16-mixed":
         errors.append("trainer.strategy=fsdp with trainer.precision=16-mixed: Lightning's ModelParallelStrategy "
                       "(FSDP2) has no fp16 loss scaling; use bf16-mixed or 32-true")
-    if m.backbone.kind == "hf" and (t.strategy == "fsdp" or m.activation_checkpointing):
-        what = "trainer.strategy=fsdp" if t.strategy == "fsdp" else "model.activation_checkpointing=true"
-        errors.append(f"{what} with model.backbone.kind=hf: sharding and checkpointing apply to the gpt "
-                      f"trunk's blocks only; use model.backbone.kind=gpt, or trainer.strategy=ddp and "
-                      f"model.activation_checkpointing=false")
-    if t.strategy in ("ddp", "ddp_spawn", "fsdp") and isinstance(t.devices, int) and t.devices == 0:
-        errors.append(f"trainer.strategy={t.strategy} with trainer.devices=0; give the number of processes")
+    if m.backbone.kind == "hf":
+        asked = [key for key, on in (("trainer.strategy=fsdp", t.strategy == "fsdp"),
+                                     ("model.activation_checkpointing=true", m.activation_checkpointing),
+                                     ("model.compile=true", m.compile)) if on]
+        if asked:
+            errors.append(f"{' and '.join(asked)} with model.backbone.kind=hf: sharding, checkpointing and "
+                          f"compile apply to the gpt trunk's blocks only; turn them off (ddp works) or use "
+                          f"model.backbone.kind=gpt")
     if errors:
         raise UserError("unsupported combination: " + "; ".join(errors))
 

@@ -359,7 +359,10 @@ def run_sweep(path: str, overrides: list[str], quick: bool = False, report_only:
                          + "".join(f" {o}" for o in overrides),
               "sweep": dataclasses.asdict(cfg), "points": [dataclasses.asdict(p) for p in sweep.points],
               "run_overrides": sweep.base_overrides, "config_files": cfg.configs}
-    atomic_write_text(sweep.dir / "sweep.json", json.dumps(record, indent=2, default=str) + "\n")
+    if report_only and (sweep.dir / "sweep.json").is_file():
+        record = json.loads((sweep.dir / "sweep.json").read_text(encoding="utf-8"))  # the command that ran
+    else:
+        atomic_write_text(sweep.dir / "sweep.json", json.dumps(record, indent=2, default=str) + "\n")
     for i, p in enumerate(sweep.points if not report_only else []):
         run_dir = sweep.dir / p.name
         tag = f"[{i + 1}/{len(sweep.points)}] {p.name}"

@@ -6,6 +6,7 @@ checked before the run directory is created, so a mistake leaves nothing half-ma
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,6 +115,15 @@ def build_strategy(cfg: Config):
     return s
 
 
+# module-level functions, not lambdas: ddp_spawn pickles the callbacks into its workers
+def _windows_in(window: torch.Tensor) -> int:
+    return window.shape[0]
+
+
+def _tokens_in(window: torch.Tensor, n_future: int) -> int:
+    return window.shape[0] * (window.shape[1] - n_future)  # predicted positions, not window length
+
+
 def build_callbacks(cfg: Config, paths: RunPaths, n_future: int) -> list:
     from callbacks.acceptance import SpecAcceptanceCallback
     from callbacks.health import MixtureHistogramCallback
@@ -128,7 +138,7 @@ def build_callbacks(cfg: Config, paths: RunPaths, n_future: int) -> list:
                         filename="best-step{step:07d}", auto_insert_metric_name=False,
                         save_on_train_epoch_end=False),
         LearningRateMonitor(logging_interval="step"),
-        ThroughputMonitor(batch_size_fn=lambda w: w.shape[0], length_fn=lambda w: w.shape[0] * (w.shape[1] - n_future),
+        ThroughputMonitor(batch_size_fn=_windows_in, length_fn=functools.partial(_tokens_in, n_future=n_future),
                           window_size=max(2, cfg.trainer.log_every_n_steps)),
         MixtureHistogramCallback(every_n_steps=cfg.trainer.log_every_n_steps),
         GracefulStopCallback(),
@@ -234,6 +244,9 @@ def fit(files: list[str], overrides: list[str], resume: str | None = None) -> tu
     if ckpt_path is not None and ckpt_path.is_dir() and cfg.trainer.strategy != "fsdp":
         raise UserError(f"'{ckpt_path}' is a sharded checkpoint written under trainer.strategy=fsdp; resume it "
                         f"with trainer.strategy=fsdp (validate, test and generate read it as it is)")
+    if ckpt_path is not None and not ckpt_path.is_dir() and cfg.trainer.strategy == "fsdp":
+        raise UserError(f"'{ckpt_path}' is a single-file checkpoint; trainer.strategy=fsdp resumes only the sharded "
+                        f"checkpoints it writes: resume it with the strategy that wrote it (auto, ddp or ddp_spawn)")
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     dm, module, tok = build_data_and_module(cfg, tokenizer_json)
     if ckpt is not None:

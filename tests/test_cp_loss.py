@@ -16,7 +16,9 @@ def tiny_model(n=3, r=2, V=4, D=8, kind="mlp", seed=0):
     torch.manual_seed(seed)
     cfg = load_config(overrides=[f"model.heads.n_future={n}", f"model.heads.rank={r}", "model.gpt.n_layer=1",
                                  f"model.gpt.d_model={D}", "model.gpt.n_head=2", f"model.heads.kind={kind}",
-                                 "model.gpt.max_seq_len=16", "data.seq_len=8"])
+                                 "model.gpt.max_seq_len=16", "data.seq_len=8",
+                                 "spec.every_n_val=0", "model.loss.position_fraction=1.0",
+                                 "model.loss.next_token_weight=0.0"])
     cfg.model.gpt.vocab_size = V
     model = CPModel(cfg.model)
     # larger router weights make the experts' mixture weights clearly non-uniform
@@ -93,7 +95,8 @@ def test_lean_loss_equals_naive_in_value_and_gradients(balance):
     results = []
     for lean in (False, True):
         loss_cfg = LossConfig(balance=balance, balance_weight=0.1, next_token_weight=0.5, lm_head_weight=0.3,
-                              lean=lean, chunk_size=7)  # a chunk that does not divide the rows
+                              lean=lean, chunk_size=7,  # a chunk that does not divide the rows
+                              position_fraction=1.0)
         model.zero_grad()
         z, states = model(idx)
         terms = cp_objective(model.heads, z, states, model.unembedding, targets, loss_cfg)
@@ -156,7 +159,7 @@ def test_position_subset_keeps_next_token_term_on_all_positions():
     idx = torch.randint(0, V, (2, 8))
     targets = torch.randint(0, V, (2, 8, n))
     z, states = model(idx)
-    full = cp_objective(model.heads, z, states, model.unembedding, targets, LossConfig())
+    full = cp_objective(model.heads, z, states, model.unembedding, targets, LossConfig(position_fraction=1.0))
     sub = cp_objective(model.heads, z, states, model.unembedding, targets, LossConfig(position_fraction=0.25),
                        generator=torch.Generator().manual_seed(0))
     assert sub.token_nll.shape == (16,) and sub.log_w.shape == (4, r)

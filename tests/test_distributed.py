@@ -25,7 +25,7 @@ from mtp_lightning.cli import main
 from mtp_lightning.config import LossConfig, load_config
 from mtp_lightning.cp_loss import cp_objective
 from mtp_lightning.data.packing import split_window
-from mtp_lightning.distributed import is_sharded_checkpoint, prepare_model
+from mtp_lightning.distributed import check_parallel_config, is_sharded_checkpoint, prepare_model
 from mtp_lightning.errors import UserError
 from mtp_lightning.model.cp_model import CPModel
 
@@ -57,10 +57,11 @@ def grads_of(model: CPModel, window: torch.Tensor, loss_cfg: LossConfig) -> dict
 # ---- refused up front ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("overrides, message", [
-    (["trainer.strategy=fsdp", "trainer.precision=16-mixed"], "trainer.precision=16-mixed"),
-    (["trainer.strategy=fsdp", "model.backbone.kind=hf", "model.backbone.name_or_path=x"], "gpt trunk's blocks"),
-    (["model.activation_checkpointing=true", "model.backbone.kind=hf", "model.backbone.name_or_path=x"],
-     "gpt trunk's blocks"),
+    (["trainer.strategy=fsdp", "trainer.precision=16-mixed"], "16-mixed needs a GPU"),
+    (["trainer.strategy=fsdp", "model.backbone.kind=hf", "model.backbone.name_or_path=x"],
+     "trainer.strategy=fsdp with model.backbone.kind=hf"),
+    (["model.activation_checkpointing=true", "model.compile=true", "model.backbone.kind=hf",
+      "model.backbone.name_or_path=x"], "model.activation_checkpointing=true and model.compile=true with"),
 ])
 def test_refused_combinations_are_one_line(tmp_path, capsys, overrides, message):
     code = main(["fit", "--config", CONF, f"run.root={tmp_path}", "trainer.accelerator=cpu", *overrides])
@@ -69,12 +70,26 @@ def test_refused_combinations_are_one_line(tmp_path, capsys, overrides, message)
     assert not (tmp_path / "smoke").exists()
 
 
-def test_sharded_checkpoint_needs_fsdp_to_resume(tmp_path, capsys):
+def test_fsdp_refuses_fp16_on_gpus_too():
+    cfg = load_config([CONF], ["trainer.strategy=fsdp", "trainer.precision=16-mixed"])
+    with pytest.raises(UserError, match="ModelParallelStrategy .FSDP2. has no fp16 loss scaling"):
+        check_parallel_config(cfg)
+
+
+@pytest.mark.parametrize("sharded", [True, False])
+def test_resume_keeps_the_checkpoint_format_of_its_strategy(tmp_path, capsys, sharded):
     ckpt = tmp_path / "smoke" / "checkpoints" / "last.ckpt"
-    write_sharded_checkpoint(ckpt)
-    code = main(["fit", "--config", CONF, "--resume", "last", f"run.root={tmp_path}", "trainer.strategy=ddp"])
+    if sharded:
+        write_sharded_checkpoint(ckpt)
+    else:
+        ckpt.parent.mkdir(parents=True)
+        torch.save({"state_dict": {}, META_KEY: {"format": 1, "code_version": "x", "config": {}, "tokenizer": "{}"}},
+                   ckpt)
+    strategy = "ddp" if sharded else "fsdp"
+    code = main(["fit", "--config", CONF, "--resume", "last", f"run.root={tmp_path}", f"trainer.strategy={strategy}"])
     err = capsys.readouterr().err
-    assert code == 2 and "sharded checkpoint" in err and "trainer.strategy=fsdp" in err
+    assert code == 2
+    assert ("a sharded checkpoint" if sharded else "a single-file checkpoint") in err and "\n" not in err.strip()
 
 
 # ---- one process ----------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from mtp_lightning.model.cp_model import CPModel
 def small_model(kind="mlp"):
     torch.manual_seed(0)
     cfg = load_config(overrides=["model.gpt.n_layer=2", "model.gpt.d_model=32", "model.gpt.n_head=4",
-                                 "model.gpt.max_seq_len=64", "data.seq_len=32", f"model.heads.kind={kind}",
+                                 "model.gpt.max_seq_len=64", "data.seq_len=32", f"model.heads.kind={kind}", "spec.every_n_val=0",
                                  "model.heads.rank=2", "model.heads.n_future=3"])
     cfg.model.gpt.vocab_size = 40
     return CPModel(cfg.model).eval()

@@ -343,6 +343,48 @@ def test_config_checks():
 def test_fsdp_units_never_mix_frozen_and_trainable(base_folder):
     model = hf_model(base_folder)
     units = fsdp_units(model)
-    assert len(units) == 2 + 2  # two decoder layers, the rest of the LM, the heads
-    check_units(units)
+    assert len(units) == 2 + 1  # two decoder layers, then the base model with its output layer
+    assert [holds_u for _, holds_u in units] == [False, False, True]
+    check_units([u for u, _ in units] + [model])  # the root keeps only the (trainable) heads
+    joint = hf_model(base_folder, train_mode="joint")
+    check_units([u for u, _ in fsdp_units(joint)] + [joint])
     assert isinstance(model.trunk, HFTrunk)
+
+
+FSDP_SCRIPT = """
+import os, sys, torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from mtp_lightning.config import BackboneConfig, HeadsConfig, LossConfig, ModelConfig
+from mtp_lightning.cp_loss import cp_objective
+from mtp_lightning.model.cp_model import CPModel
+from mtp_lightning.model.hf_backbone import shard_frozen_backbone
+dist.init_process_group("gloo", rank=0, world_size=1, init_method="tcp://127.0.0.1:" + sys.argv[2])
+model = CPModel(ModelConfig(backbone=BackboneConfig(kind="hf", name_or_path=sys.argv[1]),
+                            heads=HeadsConfig(n_future=3, rank=2)))
+shard_frozen_backbone(model, fully_shard, mesh=init_device_mesh("cpu", (1,)))
+ids = torch.randint(1, 300, (2, 12))
+targets = torch.stack([ids[:, s + 1: s + 10] for s in range(3)], -1)
+for _ in range(2):
+    z, states = model(ids[:, :9])
+    cp_objective(model.heads, z, states, model.unembedding, targets, LossConfig()).loss.backward()
+assert model.heads.weight.grad is not None
+print("fsdp-ok")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_fsdp2_units_run_forward_and_backward_on_one_cpu_process(base_folder):
+    """FSDP2 (``fully_shard``) on a 1-process gloo group: the trunk's units gather their weights, the
+    heads and the loss read U after the trunk ran, and the backward reaches the heads only."""
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = subprocess.run([sys.executable, "-c", FSDP_SCRIPT, str(base_folder), str(port)],
+                         capture_output=True, text=True, timeout=300)
+    assert "fsdp-ok" in out.stdout, out.stderr[-2000:]

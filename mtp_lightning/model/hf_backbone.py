@@ -291,38 +291,46 @@ class HFTrunk(nn.Module):
         return self._fingerprint
 
 
-def fsdp_units(model: nn.Module) -> list[nn.Module]:
-    """The modules of a ``CPModel`` with an ``HFTrunk`` to wrap as FSDP units, innermost first.
+def fsdp_units(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+    """The modules of a ``CPModel`` with an ``HFTrunk`` to wrap as FSDP units, innermost first, each
+    with whether it holds U (the output layer's weight, which the heads read directly).
 
-    Each decoder layer (the model's own ``_no_split_modules`` classes) is a unit, then the rest of the
-    causal LM (embeddings, final norm, output layer), then the CP heads. With a frozen backbone every
-    unit then holds only frozen or only trainable parameters of its own, never both, which FSDP needs
-    to flatten or shard them together (``check_units``). ``shard_frozen_backbone`` applies them.
+    Each decoder layer (the model's own ``_no_split_modules`` classes) is a unit; then the base model
+    (embeddings, final norm: the module the trunk calls) grouped with the output layer, which a tied
+    weight needs, and which lets the base model's forward gather U for the heads either way. The CP
+    heads are left to the root unit (the ``CPModel``), whose forward is the one the training step calls
+    and which is not resharded after it, so the loss can read the heads' weights directly. A unit is a
+    module or a list of modules (FSDP2 groups a list). With a frozen backbone every unit, the root
+    included, holds only frozen or only trainable parameters of its own, never both (``check_units``).
     """
     lm = model.trunk.lm
     names = set(getattr(lm, "_no_split_modules", None) or ())
-    layers = [m for m in lm.modules() if type(m).__name__ in names]
-    return layers + [lm, model.heads]
+    base = lm.base_model
+    layers = [(m, False) for m in base.modules() if type(m).__name__ in names]
+    return layers + [([base, lm.get_output_embeddings()], True)]
 
 
 def shard_frozen_backbone(model: nn.Module, fully_shard: Callable[..., nn.Module], **kwargs) -> nn.Module:
     """Apply FSDP2's ``fully_shard`` (with its mesh and policies in ``kwargs``) per ``fsdp_units``, then
-    to the root, for a ``ModelParallelStrategy``'s ``configure_model``. Untested here (no GPUs): the
-    heads read U, the output layer's weight, outside the trunk's forward, so that unit must hold the
-    whole weight there, e.g. ``reshard_after_forward=False`` for it or an explicit ``unshard()``."""
+    to the root, for a ``ModelParallelStrategy``'s ``configure_model``. The unit holding U is not
+    resharded after its forward: the heads and the loss read U as a plain tensor after the trunk ran.
+    Checked on one CPU process (gloo) only: a forward, the CP loss and a backward. Decoding calls
+    (``extend``, ``factor_logprobs``) bypass the root's forward and are not covered."""
     units = fsdp_units(model)
-    check_units(units)
-    for unit in units:
-        fully_shard(unit, **kwargs)
+    check_units([u for u, _ in units] + [model])
+    for unit, holds_u in units:
+        fully_shard(unit, **{**kwargs, **({"reshard_after_forward": False} if holds_u else {})})
     return fully_shard(model, **kwargs)
 
 
-def check_units(units: list[nn.Module]) -> None:
-    """Assert that no unit mixes frozen and trainable parameters of its own (outside inner units)."""
+def check_units(units: list) -> None:
+    """Assert that no unit (a module or a list of modules, innermost first) mixes frozen and trainable
+    parameters of its own, i.e. outside the units before it."""
     claimed: set[int] = set()
     for unit in units:
-        own = [p for p in unit.parameters() if id(p) not in claimed]
+        modules = unit if isinstance(unit, list) else [unit]
+        own = [p for m in modules for p in m.parameters() if id(p) not in claimed]
         kinds = {p.requires_grad for p in own}
-        assert len(kinds) <= 1, f"FSDP unit {type(unit).__name__} mixes frozen and trainable parameters"
+        assert len(kinds) <= 1, f"FSDP unit {type(modules[0]).__name__} mixes frozen and trainable parameters"
         claimed.update(id(p) for p in own)
 

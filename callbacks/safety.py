@@ -1,4 +1,5 @@
-"""Stop cleanly on SIGTERM / SIGINT: finish the step, write ``last.ckpt``, say how to resume."""
+"""Stop cleanly on SIGTERM / SIGINT: finish the step, write ``last.ckpt``, say how to resume. Also make
+sure a finished run's final state is in ``last.ckpt``."""
 
 from __future__ import annotations
 
@@ -40,13 +41,29 @@ class GracefulStopCallback(L.Callback):
             flag = trainer.strategy.reduce_boolean_decision(flag, all=False)
         if not flag:
             return
-        ckpt_cb = next((c for c in trainer.checkpoint_callbacks
-                        if isinstance(c, ModelCheckpoint) and c.monitor is None), None)
-        if ckpt_cb is not None and ckpt_cb.dirpath:
+        ckpt_cb = self._periodic(trainer)
+        if ckpt_cb is not None:
             self.checkpoint_path = f"{ckpt_cb.dirpath}/last.ckpt"
             trainer.save_checkpoint(self.checkpoint_path)
         self.stopped_at = trainer.global_step
         trainer.should_stop = True
+
+    @override
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self._saved_step = trainer.global_step
+
+    @override
+    def on_train_end(self, trainer, pl_module) -> None:
+        # a run whose last step is not a multiple of checkpoint.every_n_steps still ends with its final
+        # state in last.ckpt
+        ckpt_cb = self._periodic(trainer)
+        if ckpt_cb is not None and getattr(self, "_saved_step", None) != trainer.global_step:
+            trainer.save_checkpoint(f"{ckpt_cb.dirpath}/last.ckpt")
+
+    @staticmethod
+    def _periodic(trainer):
+        return next((c for c in trainer.checkpoint_callbacks
+                     if isinstance(c, ModelCheckpoint) and c.monitor is None and c.dirpath), None)
 
     @override
     def teardown(self, trainer, pl_module, stage: str) -> None:

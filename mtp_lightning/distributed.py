@@ -23,6 +23,7 @@ compile, sharded checkpoints, and the combinations that are refused up front.
 from __future__ import annotations
 
 import os
+import types
 from pathlib import Path
 
 import torch
@@ -83,30 +84,37 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, Block)]
 
 
+def _plain(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return type(block).forward(block, x)
+
+
+def _checkpointed(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return torch.utils.checkpoint.checkpoint(type(block).forward, block, x, use_reentrant=False)
+
+
+_COMPILED: dict = {}  # one compiled function per path, shared by every block (the block is an input)
+
+
+def _block_forward(self: nn.Module, x: torch.Tensor, cache=None) -> torch.Tensor:
+    """A block's forward with its training path checkpointed and/or compiled (``wrap_block_forward``)."""
+    if cache is not None:  # decoding: shapes change at every step, and nothing is kept for backward
+        return type(self).forward(self, x, cache)
+    fn = _checkpointed if self.mtp_checkpoint and torch.is_grad_enabled() else _plain
+    if self.mtp_compile:
+        fn = _COMPILED.setdefault(fn, torch.compile(fn))
+    return fn(self, x)
+
+
 def wrap_block_forward(block: nn.Module, checkpoint: bool, compile: bool) -> None:
     """Activation checkpointing and/or torch.compile for the training path of one block.
 
-    The wrapped forward is set on the instance, so parameter names stay the same, and hooks on the
-    module (FSDP2's all-gather and reshard) still run around it. During backward, the recomputation
-    runs the block's eager forward; FSDP2 has unsharded the block's weights for backward by then.
+    The forward is replaced on the instance (a method bound to it, so a deep copy rebinds to the copy),
+    so parameter names stay the same, and hooks on the module (FSDP2's all-gather and reshard) still
+    run around it. During backward, the recomputation runs the class's eager forward; FSDP2 has
+    unsharded the block's weights for backward by then.
     """
-    eager = block.forward
-    plain = torch.compile(eager) if compile else eager
-    if checkpoint:
-        def checkpointed(x: torch.Tensor) -> torch.Tensor:
-            return torch.utils.checkpoint.checkpoint(eager, x, use_reentrant=False)
-
-        if compile:
-            checkpointed = torch.compile(checkpointed)
-
-    def forward(x: torch.Tensor, cache=None) -> torch.Tensor:
-        if cache is not None:  # decoding: shapes change at every step, and nothing is kept for backward
-            return eager(x, cache)
-        if checkpoint and torch.is_grad_enabled():
-            return checkpointed(x)
-        return plain(x)
-
-    block.forward = forward
+    block.mtp_checkpoint, block.mtp_compile = checkpoint, compile
+    block.forward = types.MethodType(_block_forward, block)
 
 
 def prepare_model(model: nn.Module, cfg: ModelConfig, device_mesh=None) -> None:

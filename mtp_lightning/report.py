@@ -64,6 +64,8 @@ def rank_series(points: list[dict]) -> list[list[dict]]:
 
 
 def _fmt(x, nd=3) -> str:
+    if isinstance(x, float) and abs(x) < 0.5 * 10 ** -nd:
+        x = 0.0  # not "-0.000" for a rank-1 router's entropy
     return "—" if x is None else f"{x:.{nd}f}" if isinstance(x, float) else str(x)
 
 

@@ -132,11 +132,14 @@ def build_callbacks(cfg: Config, paths: RunPaths, n_future: int) -> list:
     c = cfg.checkpoint
     mode = "max" if "acceptance" in c.monitor else "min"
     callbacks = [
+        # no version counter: last.ckpt is always the newest state (a graceful stop also writes it), never
+        # a last-v1.ckpt beside a stale last.ckpt
         ModelCheckpoint(dirpath=paths.checkpoints, filename="step{step:07d}", save_last=True, save_top_k=0,
-                        every_n_train_steps=c.every_n_steps, auto_insert_metric_name=False),
+                        every_n_train_steps=c.every_n_steps, auto_insert_metric_name=False,
+                        enable_version_counter=False),
         ModelCheckpoint(dirpath=paths.checkpoints, monitor=c.monitor, mode=mode, save_top_k=c.save_top_k,
                         filename="best-step{step:07d}", auto_insert_metric_name=False,
-                        save_on_train_epoch_end=False),
+                        save_on_train_epoch_end=False, enable_version_counter=False),
         LearningRateMonitor(logging_interval="step"),
         ThroughputMonitor(batch_size_fn=_windows_in, length_fn=functools.partial(_tokens_in, n_future=n_future),
                           window_size=max(2, cfg.trainer.log_every_n_steps)),

@@ -10,6 +10,7 @@ speculative-acceptance callback on.
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import subprocess
@@ -105,6 +106,11 @@ def test_activation_checkpointing_keeps_names_gradients_and_decoding(kind):
     got = grads_of(model, window, loss_cfg)
     for k in expected:
         torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-7, msg=k)
+    # a deep copy (EMA, SWA) gets its own forward, bound to its own weights
+    twin = copy.deepcopy(model)
+    assert twin.trunk.blocks[0].forward.__self__ is twin.trunk.blocks[0]
+    for k, g in grads_of(twin, window, loss_cfg).items():
+        torch.testing.assert_close(g, expected[k], rtol=1e-5, atol=1e-7, msg=k)
     # decoding (a KV cache) runs the eager forward and still matches the full forward
     model.eval()
     with torch.no_grad():

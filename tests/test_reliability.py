@@ -171,3 +171,21 @@ def test_malicious_checkpoint_is_refused_without_running_code(tmp_path, capsys):
     assert not marker.exists()
     with pytest.raises(UserError):
         safe_load(bad)
+
+
+def test_resume_after_a_graceful_stop_keeps_one_last_checkpoint(tmp_path):
+    args = ["fit", "--config", CONF, f"run.root={tmp_path}", "run.name=twice", "trainer.progress_bar=false",
+            "spec.every_n_val=0", "trainer.max_steps=100000", "trainer.val_check_interval=1000",
+            "checkpoint.every_n_steps=3"]
+    proc = cli(*args)
+    last = tmp_path / "twice" / "checkpoints" / "last.ckpt"
+    while not last.exists() and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    stopped = global_step(last)
+    resumed = cli("fit", "--config", CONF, "--resume", "last", *args[3:-4], "spec.every_n_val=0",
+                  f"trainer.max_steps={stopped + 6}", "trainer.val_check_interval=1000", "checkpoint.every_n_steps=3")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    assert sorted(p.name for p in last.parent.glob("last*.ckpt")) == ["last.ckpt"]
+    assert global_step(last) == stopped + 6

@@ -122,7 +122,7 @@ def test_heads_only_backbone_is_frozen_and_stays_in_eval(base_folder):
     assert joint.trunk.training and all(p.requires_grad for p in joint.trunk.parameters())
 
 
-@pytest.mark.parametrize("kind", ["mlp", "block"])
+@pytest.mark.parametrize("kind", ["mlp", pytest.param("block", marks=pytest.mark.slow)])
 def test_greedy_speculative_equals_hf_generate(base_folder, kind):
     """Token for token against ``model.generate(do_sample=False)`` of transformers, for every draft
     length, and against our own AR decoding per row and as a left-padded batch."""

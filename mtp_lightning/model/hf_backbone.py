@@ -4,8 +4,8 @@
 ``unembedding``, ``max_seq_len`` and ``new_cache``, plus ``lm_logits(z)``, the model's own output layer.
 What is particular about it:
 - z is the base model's last hidden state (``base_model(...).last_hidden_state``: after the final norm
-  for GPT-2 and Llama). The CP factors use U = the output layer's weight, the same tensor (tied), so
-  heads-only training starts from, and shares, the base model's unembedding.
+  for GPT-2 and Llama). The CP factors use U = the output layer's weight, the same tensor, not a copy:
+  heads-only training shares the base model's (frozen) unembedding, joint training updates it.
 - ``lm_logits`` applies the output layer exactly as the model's own forward does (bias and the known
   logit scalings included). A probe at load time checks this against ``model(ids).logits`` and refuses
   a model whose logits cannot be rebuilt from z, because the ``lm_head`` verifier must be the base

@@ -152,7 +152,6 @@ class capture:
         self.out, self.err = self.out.getvalue(), self.err.getvalue()
 
 
-@pytest.mark.slow
 def test_quick_sweep_writes_runs_and_report(quick_sweep):
     quick_sweep, _, second = quick_sweep
     assert second.code == 0, second.err
@@ -179,7 +178,6 @@ def test_quick_sweep_writes_runs_and_report(quick_sweep):
     assert md.count("- **") == 4
 
 
-@pytest.mark.slow
 def test_interrupted_sweep_resumes_and_skips_finished_points(quick_sweep):
     quick_sweep, first, second = quick_sweep
     assert first.code == 128 + signal.SIGTERM and "sweep stopped by signal" in first.err

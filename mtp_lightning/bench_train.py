@@ -233,7 +233,8 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def machine() -> dict:
+def machine(threads: int = 0) -> dict:
+    """The CPU (``lscpu``'s model name), cores, torch, the threads each row ran with, the load."""
     import torch
 
     model = platform.processor()
@@ -242,9 +243,9 @@ def machine() -> dict:
         model = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), model)
     except OSError:
         pass
-    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "load_average_1min": os.getloadavg()[0], "gpu": torch.cuda.get_device_name(0)
-            if torch.cuda.is_available() else None}
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__,
+            "threads": threads or torch.get_num_threads(), "load_average_1min": os.getloadavg()[0], "gpu": gpu}
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -289,7 +290,7 @@ def run(args: argparse.Namespace) -> int:
           f"d={args.d_model}", file=sys.stderr)
     rows = run_specs(specs, args.mem_budget_gib, log=lambda s: print(s, file=sys.stderr))
     result = {"command": command_line(args),
-              "machine": machine(), "rows": rows, "targets": summarise(rows)}
+              "machine": machine(args.threads), "rows": rows, "targets": summarise(rows)}
     print(format_table(rows))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1))

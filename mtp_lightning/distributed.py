@@ -101,7 +101,9 @@ def _block_forward(self: nn.Module, x: torch.Tensor, cache=None) -> torch.Tensor
         return type(self).forward(self, x, cache)
     fn = _checkpointed if self.mtp_checkpoint and torch.is_grad_enabled() else _plain
     if self.mtp_compile:
-        fn = _COMPILED.setdefault(fn, torch.compile(fn))
+        if fn not in _COMPILED:
+            _COMPILED[fn] = torch.compile(fn)
+        fn = _COMPILED[fn]
     return fn(self, x)
 
 

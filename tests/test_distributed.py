@@ -5,7 +5,9 @@ sharded checkpoints read back in one process; FSDP2 per-block sharding over 2 gl
 full-batch gradients (the tied unembedding is used by the loss outside the root's forward).
 Slow (``-m slow``): real ``fit`` runs of the smoke preset under ``ddp`` and ``fsdp`` on 2 processes,
 checked against one process on the same global batch, resumed with ``--resume last``, with the
-speculative-acceptance callback on.
+speculative-acceptance callback on; and 2-process fits with checkpointing, compile, bf16 and ddp_spawn.
+Fits run as subprocesses (Lightning's DDP launcher re-runs the command line) with a timeout, so a
+hang fails the test instead of stalling the suite.
 """
 
 from __future__ import annotations
@@ -257,3 +259,17 @@ def test_two_process_fit_resume_matches_single_process(tmp_path, single_process_
         assert a == pytest.approx(b, rel=1e-5)
     # the speculative-acceptance callback ran at each validation on both ranks (no deadlock)
     assert "spec/mean_acceptance_length" in tags and "spec/acceptance_rate" in tags
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("options", [
+    ["trainer.strategy=fsdp", "model.activation_checkpointing=true", "model.compile=true",
+     "trainer.precision=bf16-mixed"],
+    ["trainer.strategy=ddp_spawn", "model.activation_checkpointing=true", "model.heads.kind=block"],
+], ids=["fsdp-checkpointing-compile-bf16", "ddp_spawn-checkpointing-block-heads"])
+def test_two_process_fit_with_options(tmp_path, options):
+    fit_cli(tmp_path, "opts", "trainer.devices=2", "trainer.max_steps=2", *STEPS, *options)
+    ckpt = safe_load(tmp_path / "opts" / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())

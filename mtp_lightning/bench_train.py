@@ -18,11 +18,32 @@ FLOP floor: the n*r unembedding products of a step cost at least 3 * 2*N*V*D eac
 the gradients of h and of U), 6*n*r*N*V*D in all; the lean loss does one more product per chunk (the
 recomputed logits), 8*n*r*N*V*D. ``floor_s`` is the floor at the matmul rate measured in the same
 process for the loss's own shapes; ``floor_s / loss_s`` is how close the loss gets to it.
+
+On a GPU (``--device cuda``) the model and the batch live there, steps are timed between
+``torch.cuda.synchronize()`` calls, and ``step_peak_mib`` is ``torch.cuda.max_memory_allocated()``
+(peak statistics reset just before the model is built) less what was allocated then: the same things,
+counted by the caching allocator. Each row says which peak it holds (``peak_kind``: ``rss`` or
+``cuda_max_allocated``). The floor's matmul rate is then measured on the GPU, with the batch's N rows.
+
+``--precision bf16-mixed`` runs forward and loss under ``torch.autocast(dtype=bfloat16)``, as
+Lightning's bf16-mixed does. The unembedding products then run in bf16 for the full-logits and naive
+losses (autocast), but the lean loss turns autocast off and multiplies in float32 unless
+``--bf16-unembed`` (the loss config's ``bf16_unembed``); the floor's rate is measured in the dtype
+the row's products run in (``matmul_dtype``).
+
+``--strategy ddp|fsdp`` wraps the model as training on several processes does, in a one-process group
+(NCCL on a GPU, gloo on a CPU): ``DistributedDataParallel``, or FSDP2 ``fully_shard`` per transformer
+block and then the root (``distributed.prepare_model``). DDP runs with ``static_graph=True``: the
+split backward gives the tied U its gradient in two backward calls (the loss's, then the embedding's),
+which plain DDP refuses as "marked ready twice" and a static graph counts and reduces once. FSDP2
+needs nothing special: it keeps the root unsharded from forward to backward, so the loss's U is the full
+one and its gradient joins the root's reduce-scatter.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -45,42 +66,107 @@ def _rss_mib() -> float:
     return float("nan")
 
 
-def _matmul_gflops(d: int, vocab: int, rows: int = 1024, reps: int = 5) -> float:
-    """fp32 GFLOP/s of (rows, D) @ (D, V) here, the shape of the loss's products: the best of a few
-    tries, so that other jobs on the machine make the floor stricter, never looser."""
+def _matmul_gflops(d: int, vocab: int, rows: int = 1024, reps: int = 5, device: str = "cpu",
+                   dtype: str = "float32") -> float:
+    """GFLOP/s of (rows, D) @ (D, V) here, the shape of the loss's products, in the products' dtype on
+    the row's device: the best of a few tries, so that other jobs on the machine make the floor
+    stricter, never looser. On a GPU each try is 10 products between synchronisations."""
     import torch
 
-    h, U = torch.randn(rows, d), torch.randn(vocab, d)
-    out = torch.empty(rows, vocab)
+    dt = getattr(torch, dtype)
+    cuda = device == "cuda"
+    inner = 10 if cuda else 1
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if device == "cpu" and dtype == "float32":
+        h, U = torch.randn(rows, d), torch.randn(vocab, d)
+        out = torch.empty(rows, vocab)
+    else:
+        h, U = torch.randn(rows, d, device=device, dtype=dt), torch.randn(vocab, d, device=device, dtype=dt)
+        out = torch.empty(rows, vocab, device=device, dtype=dt)
     torch.matmul(h, U.T, out=out)
+    sync()
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
-        torch.matmul(h, U.T, out=out)
-        best = min(best, time.perf_counter() - t)
+        for _ in range(inner):
+            torch.matmul(h, U.T, out=out)
+        sync()
+        best = min(best, (time.perf_counter() - t) / inner)
     return 2 * rows * vocab * d / best / 1e9
+
+
+def products_dtype(spec: dict) -> str:
+    """The dtype the row's unembedding products run in: bf16 under bf16-mixed for the full-logits and
+    naive losses (autocast), and for the lean ones only with ``bf16_unembed`` (they turn autocast off)."""
+    if spec.get("precision", "32-true") != "bf16-mixed":
+        return "float32"
+    return "bfloat16" if spec["kind"] in ("ntp", "naive") or spec.get("bf16_unembed") else "float32"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init_group(device: str) -> None:
+    """A one-process group: NCCL on a GPU, gloo on a CPU."""
+    import torch
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(_free_port())
+    if device == "cuda":
+        dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    else:
+        dist.init_process_group("gloo", rank=0, world_size=1)
 
 
 def run_row(spec: dict) -> dict:
     """One setting: build, warm up, time. Returns the row (also printed as JSON by the worker).
 
-    A tiny copy of the setting runs first, so the libraries' code pages and thread pools are already
-    resident when the memory before the model is read: the peak then counts tensors, not code."""
-    tiny = {**spec, "batch": 2, "seq": 8, "vocab": 64, "d_model": 2 * spec["heads"], "warmup": 0, "steps": 1}
-    _time_steps(tiny)
-    step_s, loss_s, rss_before = _time_steps(spec)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    B, T, V, D, n, r = spec["batch"], spec["seq"], spec["vocab"], spec["d_model"], spec["n"], spec["r"]
-    products = 1 if spec["kind"].startswith("ntp") else n * r
-    floor = 6.0 * products * B * T * V * D
-    rate = _matmul_gflops(D, V)
+    A tiny copy of the setting runs first, so the libraries' code pages and thread pools (on a GPU:
+    the kernels, the cuBLAS workspace) are already there when the memory before the model is read: the
+    peak then counts tensors, not code."""
+    import torch
+
+    device, strategy = spec.get("device", "cpu"), spec.get("strategy", "none")
+    if device == "cuda":
+        torch.cuda.set_device(0)
+    if strategy != "none":
+        _init_group(device)
+    try:
+        tiny = {**spec, "batch": 2, "seq": 8, "vocab": 64, "d_model": 2 * spec["heads"], "warmup": 0, "steps": 1}
+        _time_steps(tiny)
+        step_s, loss_s, before = _time_steps(spec)
+        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        if device == "cuda":
+            peak = torch.cuda.max_memory_allocated() / 2**20
+            extra = {"peak_kind": "cuda_max_allocated", "peak_cuda_mib": peak}
+        else:
+            peak, extra = peak_rss, {"peak_kind": "rss"}
+        B, T, V, D, n, r = spec["batch"], spec["seq"], spec["vocab"], spec["d_model"], spec["n"], spec["r"]
+        products = 1 if spec["kind"].startswith("ntp") else n * r
+        floor = 6.0 * products * B * T * V * D
+        dtype = products_dtype(spec)
+        if device == "cuda":
+            rate = _matmul_gflops(D, V, rows=B * T, device=device, dtype=dtype)
+        else:
+            rate = _matmul_gflops(D, V, dtype=dtype)
+    finally:
+        if strategy != "none":
+            torch.distributed.destroy_process_group()
     return {**spec, "products": products, "step_s": step_s, "loss_s": loss_s, "tokens_per_s": B * T / step_s,
-            "peak_rss_mib": peak, "step_peak_mib": peak - rss_before, "matmul_gflops": rate,
-            "floor_gflop": floor / 1e9, "floor_s": floor / 1e9 / rate, "floor_over_loss": floor / 1e9 / rate / loss_s}
+            "peak_rss_mib": peak_rss, "step_peak_mib": peak - before, **extra, "matmul_dtype": dtype,
+            "matmul_gflops": rate, "floor_gflop": floor / 1e9, "floor_s": floor / 1e9 / rate,
+            "floor_over_loss": floor / 1e9 / rate / loss_s}
 
 
 def _time_steps(spec: dict) -> tuple[float, float, float]:
-    """(fastest step s, its heads+loss s, resident MiB before the model was built)."""
+    """(fastest step s, its heads+loss s, MiB before the model was built: resident on a CPU,
+    allocated on a GPU, where the peak statistics are reset there)."""
     import torch
     import torch.nn.functional as F
 
@@ -89,51 +175,86 @@ def _time_steps(spec: dict) -> tuple[float, float, float]:
     from mtp_lightning.model.cp_model import CPModel
     from mtp_lightning.model.gpt import GPT
 
+    device, strategy = spec.get("device", "cpu"), spec.get("strategy", "none")
+    cuda = device == "cuda"
+    bf16 = spec.get("precision", "32-true") == "bf16-mixed"
+    bf16_unembed = bool(spec.get("bf16_unembed", False))
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
-    rss_before = _rss_mib()
+    if cuda:
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() / 2**20
+    else:
+        before = _rss_mib()
     B, T, V, D = spec["batch"], spec["seq"], spec["vocab"], spec["d_model"]
     n, r, kind = spec["n"], spec["r"], spec["kind"]
     gpt = GPTConfig(n_layer=spec["layers"], n_head=spec["heads"], d_model=D, max_seq_len=T, vocab_size=V)
     if kind.startswith("ntp"):
+        mcfg = ModelConfig(gpt=gpt)
         model = GPT(gpt)
     else:
-        model = CPModel(ModelConfig(gpt=gpt, heads=HeadsConfig(n_future=n, rank=r, kind="mlp")))
+        mcfg = ModelConfig(gpt=gpt, heads=HeadsConfig(n_future=n, rank=r, kind="mlp"))
+        model = CPModel(mcfg)
     loss_cfg = LossConfig(balance="switch", next_token_weight=0.0, lm_head_weight=0.0, position_fraction=1.0,
-                          lean=kind == "lean")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+                          lean=kind == "lean", bf16_unembed=bf16_unembed)
+    if device != "cpu":
+        model.to(device)
+    net = model  # what forward runs through; model keeps the unembedding and the heads
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[0] if cuda else None, static_graph=True)
+    elif strategy == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from mtp_lightning.distributed import prepare_model
+
+        prepare_model(model, mcfg, init_device_mesh(device, (1,), mesh_dim_names=("data_parallel",)))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, V, (B, T), generator=g)  # (B, T)
     y = torch.randint(0, V, (B, T, max(n, 1)), generator=g)  # (B, T, n)
+    if device != "cpu":
+        x, y = x.to(device), y.to(device)
+    amp = torch.autocast(device_type=device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     def step() -> tuple[float, float]:
+        sync()
         t0 = time.perf_counter()
-        if kind.startswith("ntp"):
-            z = model(x)  # (B, T, D)
-            outs = [z]
-        else:
-            z, states = model(x)  # (B, T, D), n x (B, T, D)
-            outs = [z, *states]
+        with amp:
+            if kind.startswith("ntp"):
+                z = net(x)  # (B, T, D)
+                outs = [z]
+            else:
+                z, states = net(x)  # (B, T, D), n x (B, T, D)
+                outs = [z, *states]
         leaves = [o.detach().requires_grad_() for o in outs]
+        sync()
         t1 = time.perf_counter()
-        if kind == "ntp":
-            loss = F.cross_entropy((leaves[0] @ model.unembedding.T).view(B * T, V), y[..., 0].reshape(-1))
-        elif kind == "ntp-lean":
-            loss = -target_logprob(leaves[0].reshape(B * T, D), model.unembedding, y[..., 0].reshape(-1)).mean()
-        else:
-            loss = cp_objective(model.heads, leaves[0], leaves[1:], model.unembedding, y, loss_cfg).loss
+        with amp:
+            if kind == "ntp":
+                loss = F.cross_entropy((leaves[0] @ model.unembedding.T).view(B * T, V), y[..., 0].reshape(-1))
+            elif kind == "ntp-lean":
+                loss = -target_logprob(leaves[0].reshape(B * T, D), model.unembedding, y[..., 0].reshape(-1),
+                                       bf16=bf16_unembed).mean()
+            else:
+                loss = cp_objective(model.heads, leaves[0], leaves[1:], model.unembedding, y, loss_cfg).loss
         loss.backward()
+        sync()
         t2 = time.perf_counter()
         torch.autograd.backward(outs, [leaf.grad for leaf in leaves])
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()
         return time.perf_counter() - t0, t2 - t1
 
     for _ in range(spec["warmup"]):
         step()
     times = [step() for _ in range(spec["steps"])]
-    return min(t for t, _ in times), min(t for _, t in times), rss_before
+    return min(t for t, _ in times), min(t for _, t in times), before
 
 
 def _worker() -> None:
@@ -152,7 +273,10 @@ def naive_bytes(spec: dict) -> int:
 
 def build_specs(args) -> list[dict]:
     base = {"batch": args.batch, "seq": args.seq, "layers": args.layers, "heads": args.heads,
-            "d_model": args.d_model, "warmup": args.warmup, "steps": args.steps, "threads": args.threads}
+            "d_model": args.d_model, "warmup": args.warmup, "steps": args.steps, "threads": args.threads,
+            "device": args.device, "precision": args.precision, "strategy": args.strategy}
+    if args.bf16_unembed:
+        base["bf16_unembed"] = True
     specs = []
     for V in args.vocab:
         specs.append({**base, "vocab": V, "n": 1, "r": 1, "kind": "ntp"})
@@ -164,7 +288,8 @@ def build_specs(args) -> list[dict]:
     return specs
 
 
-def run_specs(specs: list[dict], budget_gib: float, log=print) -> list[dict]:
+def run_specs(specs: list[dict], budget_gib: float, log=print, on_row=None) -> list[dict]:
+    """Each spec in its own process; ``on_row(rows)`` (if given) is called after each row."""
     rows = []
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     for spec in specs:
@@ -174,6 +299,8 @@ def run_specs(specs: list[dict], budget_gib: float, log=print) -> list[dict]:
             rows.append({**spec, "skipped": f"naive loss would hold ~{need:.1f} GiB of logits "
                                             f"(> --mem-budget-gib {budget_gib:g})"})
             log(f"  {label}: skipped ({rows[-1]['skipped']})")
+            if on_row:
+                on_row(rows)
             continue
         cmd = [sys.executable, "-m", "mtp_lightning.bench_train", WORKER_FLAG, json.dumps(spec)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -181,10 +308,15 @@ def run_specs(specs: list[dict], budget_gib: float, log=print) -> list[dict]:
             tail = (proc.stderr.strip().splitlines() or ["?"])[-1][:200]
             rows.append({**spec, "skipped": f"failed: {tail}"})
             log(f"  {label}: failed ({tail})")
+            if on_row:
+                on_row(rows)
             continue
         row = json.loads(proc.stdout.strip().splitlines()[-1])
         rows.append(row)
-        log(f"  {label}: {row['step_s']:.2f} s/step, peak {row['step_peak_mib']:.0f} MiB")
+        kind = " (CUDA allocated)" if row.get("peak_kind") == "cuda_max_allocated" else ""
+        log(f"  {label}: {row['step_s']:.2f} s/step, peak {row['step_peak_mib']:.0f} MiB{kind}")
+        if on_row:
+            on_row(rows)
     return rows
 
 
@@ -216,7 +348,10 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = ("| vocab | model | loss | step s | tokens/s | heads+loss s | peak MiB (step) | x ntp peak "
+    """One line per row. The peak column says what it counts when that is the GPU's allocator."""
+    cuda = any(x.get("peak_kind") == "cuda_max_allocated" for x in rows)
+    peak = "peak MiB (step, CUDA allocated)" if cuda else "peak MiB (step)"
+    head = (f"| vocab | model | loss | step s | tokens/s | heads+loss s | {peak} | x ntp peak "
             "| floor GFLOP | floor / loss time |")
     lines = [head, "| " + " | ".join(["---"] * (head.count("|") - 1)) + " |"]
     ntp_peak = {x["vocab"]: x["step_peak_mib"] for x in rows if x["kind"] == "ntp" and "skipped" not in x}
@@ -233,8 +368,10 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def machine(threads: int = 0) -> dict:
-    """The CPU (``lscpu``'s model name), cores, torch, the threads each row ran with, the load."""
+def machine(threads: int = 0, device: str = "cpu", precision: str = "32-true", strategy: str = "none") -> dict:
+    """The CPU (``lscpu``'s model name), cores, torch, the threads each row ran with, the load, the GPU
+    (its name, memory and CUDA version when the rows ran there) and the rows' device, precision and
+    strategy."""
     import torch
 
     model = platform.processor()
@@ -244,18 +381,25 @@ def machine(threads: int = 0) -> dict:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__,
-            "threads": threads or torch.get_num_threads(), "load_average_1min": os.getloadavg()[0], "gpu": gpu}
+    out = {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__,
+           "threads": threads or torch.get_num_threads(), "load_average_1min": os.getloadavg()[0], "gpu": gpu,
+           "device": device, "precision": precision, "strategy": strategy}
+    if device == "cuda":
+        out["gpu_memory_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
+        out["cuda"] = torch.version.cuda
+    return out
 
 
 def command_line(args: argparse.Namespace) -> str:
     """The command that reproduces this run, every option spelled out."""
     parts = ["python -m mtp_lightning bench-train"]
     for key in ("vocab", "nr", "batch", "seq", "layers", "heads", "d_model", "warmup", "steps", "threads",
-                "mem_budget_gib"):
+                "mem_budget_gib", "device", "precision", "strategy"):
         value = getattr(args, key)
         parts.append(f"--{key.replace('_', '-')} " + (" ".join(map(str, value)) if isinstance(value, list)
                                                        else str(value)))
+    if args.bf16_unembed:
+        parts.append("--bf16-unembed")
     return " ".join(parts)
 
 
@@ -272,6 +416,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--mem-budget-gib", type=float, default=8.0,
                    help="skip a naive row whose logits alone would exceed this")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where the rows run (cuda: peak is torch.cuda.max_memory_allocated)")
+    p.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true",
+                   help="bf16-mixed: forward and loss under torch.autocast(bfloat16)")
+    p.add_argument("--bf16-unembed", action="store_true",
+                   help="the lean loss's products in bf16 too (LossConfig.bf16_unembed); else float32")
+    p.add_argument("--strategy", choices=["none", "ddp", "fsdp"], default="none",
+                   help="wrap the model in DDP or FSDP2 (per block, then root) in a one-process group")
     p.add_argument("--json", metavar="OUT", default="bench_train.json", help="where to write the results")
 
 
@@ -285,14 +437,28 @@ def run(args: argparse.Namespace) -> int:
     if min(args.vocab) < 2 or args.batch < 1 or args.seq < 2 or args.steps < 1 or args.d_model % args.heads:
         raise UserError("bench-train needs --vocab >= 2, --batch >= 1, --seq >= 2, --steps >= 1 and "
                         "--heads dividing --d-model")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("bench-train --device cuda but this machine has no CUDA GPU; use --device cpu")
+        if args.precision == "bf16-mixed" and not torch.cuda.is_bf16_supported():
+            raise UserError("bench-train --precision bf16-mixed but this GPU has no bf16; use 32-true")
     specs = build_specs(args)
+    setting = "" if (args.device, args.precision, args.strategy) == ("cpu", "32-true", "none") else \
+        f", {args.device} {args.precision} strategy={args.strategy}"
     print(f"bench-train: {len(specs)} rows, {args.batch} x {args.seq} tokens, {args.layers} layers, "
-          f"d={args.d_model}", file=sys.stderr)
-    rows = run_specs(specs, args.mem_budget_gib, log=lambda s: print(s, file=sys.stderr))
-    result = {"command": command_line(args),
-              "machine": machine(args.threads), "rows": rows, "targets": summarise(rows)}
-    print(format_table(rows))
+          f"d={args.d_model}{setting}", file=sys.stderr)
+    head = {"command": command_line(args), "machine": machine(args.threads, args.device, args.precision,
+                                                                args.strategy)}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+
+    def partial(rows: list[dict]) -> None:  # so that a run cut short still leaves the rows it finished
+        Path(args.json).write_text(json.dumps({**head, "partial": True, "rows": rows}, indent=1))
+
+    rows = run_specs(specs, args.mem_budget_gib, log=lambda s: print(s, file=sys.stderr), on_row=partial)
+    result = {**head, "rows": rows, "targets": summarise(rows)}
+    print(format_table(rows))
     Path(args.json).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.json}", file=sys.stderr)
     return 0

@@ -1,8 +1,15 @@
-"""``bench-train`` on a toy size: the table, the JSON, the targets' summary, and what it refuses."""
+"""``bench-train`` on a toy size: the table, the JSON, the targets' summary, what it refuses, and rows under
+ddp and fsdp (one gloo process), bf16-mixed, and on a GPU where there is one."""
 
+import argparse
 import json
+import math
+import shlex
 
-from mtp_lightning.bench_train import naive_bytes, run_specs
+import pytest
+import torch
+
+from mtp_lightning.bench_train import add_arguments, build_specs, command_line, naive_bytes, run_specs
 from mtp_lightning.cli import main
 
 TOY = ["--vocab", "256", "--nr", "2x2", "--batch", "2", "--seq", "16", "--layers", "1", "--d-model", "16",
@@ -41,3 +48,51 @@ def test_naive_rows_over_the_memory_budget_are_skipped_not_run():
 def test_bench_train_refuses_bad_settings(capsys):
     assert main(["bench-train", "--nr", "4by8"]) == 2
     assert "--nr '4by8' is not of the form NxR" in capsys.readouterr().err
+
+
+# ---- devices, precisions, strategies ------------------------------------------------------------------
+
+ROW = {"batch": 2, "seq": 8, "layers": 1, "heads": 2, "d_model": 8, "warmup": 1, "steps": 1, "threads": 1,
+       "vocab": 64, "n": 2, "r": 2, "kind": "lean"}
+
+
+def test_rows_run_under_ddp_and_fsdp_in_a_one_process_gloo_group():
+    specs = [{**ROW, "device": "cpu", "precision": "32-true", "strategy": "ddp"},
+             {**ROW, "device": "cpu", "precision": "bf16-mixed", "strategy": "fsdp"}]
+    rows = run_specs(specs, budget_gib=1.0, log=lambda s: None)
+    for spec, row in zip(specs, rows):
+        assert "skipped" not in row, row.get("skipped")
+        assert row["strategy"] == spec["strategy"] and row["precision"] == spec["precision"]
+        assert math.isfinite(row["step_s"]) and row["step_s"] > 0 and 0 < row["loss_s"] <= row["step_s"]
+        assert row["step_peak_mib"] > 0 and row["peak_kind"] == "rss"
+        assert row["matmul_dtype"] == "float32"  # the lean loss multiplies in float32 without bf16_unembed
+
+
+def test_command_line_round_trips_the_new_options():
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--vocab", "64", "--nr", "2x2", "--device", "cuda", "--precision", "bf16-mixed",
+                         "--strategy", "fsdp", "--bf16-unembed"])
+    line = command_line(args)
+    assert "--device cuda --precision bf16-mixed --strategy fsdp --bf16-unembed" in line
+    prefix = "python -m mtp_lightning bench-train "
+    assert line.startswith(prefix)
+    again = p.parse_args(shlex.split(line[len(prefix):]))
+    assert vars(again) == vars(args)
+    defaults = p.parse_args([])
+    assert command_line(defaults).endswith("--device cpu --precision 32-true --strategy none")
+    assert build_specs(defaults)[0]["strategy"] == "none" and "bf16_unembed" not in build_specs(defaults)[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_cuda_row_counts_the_allocator_peak():
+    (row,) = run_specs([{**ROW, "device": "cuda", "precision": "bf16-mixed", "strategy": "none",
+                         "bf16_unembed": True}], budget_gib=1.0, log=lambda s: None)
+    assert row["peak_kind"] == "cuda_max_allocated" and row["step_peak_mib"] > 0
+    assert row["matmul_dtype"] == "bfloat16" and math.isfinite(row["step_s"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_bench_train_refuses_cuda_without_a_gpu(capsys):
+    assert main(["bench-train", "--device", "cuda"]) == 2
+    assert "--device cuda but this machine has no CUDA GPU" in capsys.readouterr().err

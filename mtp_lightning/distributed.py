@@ -11,6 +11,14 @@ compile, sharded checkpoints, and the combinations that are refused up front.
   reshard the root after forward), so the loss multiplies by the full U and U's gradient from the loss
   joins the root's reduce-scatter. Decoding in the acceptance callback runs after a validation forward,
   so the root is unsharded there too; each block all-gathers its own weights in its forward hook.
+- A Hugging Face trunk (``model.backbone.kind=hf``) is sharded by ``hf_backbone.shard_frozen_backbone``:
+  each decoder layer is a unit, then the trunk itself (embeddings, final norm and the output layer U,
+  not resharded after its forward), then any ``block`` heads, then the root, which keeps only the
+  heads. With a frozen backbone (``train_mode=heads_only``) no unit mixes frozen and trainable
+  parameters. Decoding calls the trunk's ``forward``, so its unit gathers U before the heads read it.
+  A heads-only checkpoint stores no backbone weights (``checkpoint_io.omit_frozen_backbone``), so
+  ``FSDP2Strategy.load_checkpoint`` reads every other key of the folder and leaves the backbone as it
+  was loaded from the base model.
 - Activation checkpointing and compile wrap each block's ``forward`` on the instance instead of the
   module, so parameter names (and checkpoints) are the same under every strategy and option. Decoding
   (a KV cache) always runs the plain eager forward: its shapes change at every step.
@@ -45,13 +53,12 @@ def check_parallel_config(cfg: Config) -> None:
         errors.append("trainer.strategy=fsdp with trainer.precision=16-mixed: Lightning's ModelParallelStrategy "
                       "(FSDP2) has no fp16 loss scaling; use bf16-mixed or 32-true")
     if m.backbone.kind == "hf":
-        asked = [key for key, on in (("trainer.strategy=fsdp", t.strategy == "fsdp"),
-                                     ("model.activation_checkpointing=true", m.activation_checkpointing),
+        asked = [key for key, on in (("model.activation_checkpointing=true", m.activation_checkpointing),
                                      ("model.compile=true", m.compile)) if on]
         if asked:
-            errors.append(f"{' and '.join(asked)} with model.backbone.kind=hf: sharding, checkpointing and "
-                          f"compile apply to the gpt trunk's blocks only; turn them off (ddp works) or use "
-                          f"model.backbone.kind=gpt")
+            errors.append(f"{' and '.join(asked)} with model.backbone.kind=hf: checkpointing and compile "
+                          f"apply to the gpt trunk's blocks only; turn them off (ddp and fsdp work without "
+                          f"them) or use model.backbone.kind=gpt")
     if errors:
         raise UserError("unsupported combination: " + "; ".join(errors))
 
@@ -69,6 +76,14 @@ def fsdp_strategy(cfg: Config):
             self._data_parallel_size = self.num_nodes * self.num_processes
             self._tensor_parallel_size = 1
             super().setup_environment()
+
+        def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
+            # a heads-only checkpoint has no backbone keys, which the stock (strict) load would miss
+            path = Path(self.broadcast(checkpoint_path))
+            model = getattr(self.lightning_module, "model", None)
+            if getattr(model, "backbone_frozen", False) and is_sharded_checkpoint(path):
+                return load_sharded_without_frozen_backbone(self.model, self.optimizers, path, weights_only)
+            return super().load_checkpoint(path, weights_only)
 
     on_gpu = cfg.trainer.accelerator in ("gpu", "cuda") or (cfg.trainer.accelerator == "auto"
                                                             and torch.cuda.is_available())
@@ -122,7 +137,9 @@ def wrap_block_forward(block: nn.Module, checkpoint: bool, compile: bool) -> Non
 def prepare_model(model: nn.Module, cfg: ModelConfig, device_mesh=None) -> None:
     """Activation checkpointing, compile, then (given a device mesh) FSDP2 sharding per block and root.
 
-    The order follows torchtitan: checkpointing inside compile inside sharding.
+    The order follows torchtitan: checkpointing inside compile inside sharding. A Hugging Face trunk is
+    sharded per decoder layer, trunk, ``block`` head and root (``hf_backbone.shard_frozen_backbone``);
+    checkpointing and compile are refused for it (``check_parallel_config``).
     """
     blocks = transformer_blocks(model)
     if cfg.activation_checkpointing or cfg.compile:
@@ -133,12 +150,51 @@ def prepare_model(model: nn.Module, cfg: ModelConfig, device_mesh=None) -> None:
     from torch.distributed.fsdp import fully_shard
 
     mesh = device_mesh["data_parallel"] if device_mesh.mesh_dim_names else device_mesh
+    if cfg.backbone.kind == "hf":
+        from mtp_lightning.model.hf_backbone import shard_frozen_backbone
+
+        shard_frozen_backbone(model, fully_shard, mesh=mesh)
+        return
     for block in blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
 
 
 # ---- sharded checkpoints ----------------------------------------------------------------------------
+
+FROZEN_PREFIX = "model.trunk."  # the LightningModule's keys of a frozen backbone (lit_module.on_save_checkpoint)
+
+
+def load_sharded_without_frozen_backbone(module: nn.Module, optimizers: list, path: Path,
+                                         weights_only: bool | None = None) -> dict:
+    """``ModelParallelStrategy.load_checkpoint`` for a heads-only checkpoint of a frozen backbone.
+
+    Every key of ``module``'s state dict except the frozen backbone's is read from the folder (strictly:
+    a missing one fails the load), and the optimizers' shards are read as the stock load does; the
+    backbone keeps the base model's weights it was built with (``train.fit`` has checked their
+    fingerprint against the checkpoint's). Returns what ``meta.pt`` holds (loops, callbacks, metadata).
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict, set_optimizer_state_dict)
+
+    state = {k: v for k, v in get_model_state_dict(module).items() if not k.startswith(FROZEN_PREFIX)}
+    wrapped = {"state_dict": state}
+    dcp.load(wrapped, checkpoint_id=path)
+    result = module.load_state_dict(wrapped["state_dict"], strict=False)
+    wrong = [k for k in result.missing_keys if not k.startswith(FROZEN_PREFIX)] + list(result.unexpected_keys)
+    if wrong:
+        raise UserError(f"sharded checkpoint '{path}' does not match the model ({wrong[:3]}); it was written "
+                        f"by a different architecture or code version")
+    for idx, optimizer in enumerate(optimizers):
+        key = f"optimizer_{idx}"
+        optim_state = {key: get_optimizer_state_dict(module, optimizer)}
+        dcp.load(optim_state, checkpoint_id=path)
+        set_optimizer_state_dict(module, optimizer, optim_state_dict=optim_state[key],
+                                 options=StateDictOptions(cpu_offload=True))
+    return torch.load(path / SHARDED_META, map_location="cpu",
+                      weights_only=True if weights_only is None else weights_only)
+
 
 def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
     path = Path(path)

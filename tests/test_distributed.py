@@ -1,6 +1,7 @@
 """Strategies, sharding and their checkpoints, on CPU.
 
-Fast: the refused combinations; activation checkpointing that leaves names and gradients unchanged;
+Fast: the refused combinations (and fsdp with a pretrained backbone, no longer one); activation
+checkpointing that leaves names and gradients unchanged;
 sharded checkpoints read back in one process; FSDP2 per-block sharding over 2 gloo processes giving the
 full-batch gradients (the tied unembedding is used by the loss outside the root's forward).
 Slow (``-m slow``): real ``fit`` runs of the smoke preset under ``ddp`` and ``fsdp`` on 2 processes,
@@ -61,8 +62,8 @@ def grads_of(model: CPModel, window: torch.Tensor, loss_cfg: LossConfig) -> dict
 
 @pytest.mark.parametrize("overrides, message", [
     (["trainer.strategy=fsdp", "trainer.precision=16-mixed"], "16-mixed needs a GPU"),
-    (["trainer.strategy=fsdp", "model.backbone.kind=hf", "model.backbone.name_or_path=x"],
-     "trainer.strategy=fsdp with model.backbone.kind=hf"),
+    (["trainer.strategy=fsdp", "model.compile=true", "model.backbone.kind=hf",
+      "model.backbone.name_or_path=x"], "model.compile=true with model.backbone.kind=hf"),
     (["model.activation_checkpointing=true", "model.compile=true", "model.backbone.kind=hf",
       "model.backbone.name_or_path=x"], "model.activation_checkpointing=true and model.compile=true with"),
 ])
@@ -77,6 +78,17 @@ def test_fsdp_refuses_fp16_on_gpus_too():
     cfg = load_config([CONF], ["trainer.strategy=fsdp", "trainer.precision=16-mixed"])
     with pytest.raises(UserError, match="ModelParallelStrategy .FSDP2. has no fp16 loss scaling"):
         check_parallel_config(cfg)
+
+
+def test_fsdp_takes_a_pretrained_backbone():
+    """fsdp with model.backbone.kind=hf is sharded per decoder layer (hf_backbone.shard_frozen_backbone);
+    only checkpointing and compile, which wrap the gpt trunk's blocks, are still refused with it."""
+    hf = ["trainer.strategy=fsdp", "model.backbone.kind=hf", "model.backbone.name_or_path=x"]
+    for mode in ("heads_only", "joint"):
+        check_parallel_config(load_config([CONF], [*hf, f"model.backbone.train_mode={mode}"]))
+    for option in ("model.activation_checkpointing=true", "model.compile=true"):
+        with pytest.raises(UserError, match=f"^unsupported combination: {option} with model.backbone.kind=hf"):
+            check_parallel_config(load_config([CONF], [*hf, option]))
 
 
 @pytest.mark.parametrize("sharded", [True, False])

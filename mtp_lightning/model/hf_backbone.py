@@ -295,32 +295,57 @@ def fsdp_units(model: nn.Module) -> list[tuple[nn.Module, bool]]:
     """The modules of a ``CPModel`` with an ``HFTrunk`` to wrap as FSDP units, innermost first, each
     with whether it holds U (the output layer's weight, which the heads read directly).
 
-    Each decoder layer (the model's own ``_no_split_modules`` classes) is a unit; then the base model
-    (embeddings, final norm: the module the trunk calls) grouped with the output layer, which a tied
-    weight needs, and which lets the base model's forward gather U for the heads either way. The CP
-    heads are left to the root unit (the ``CPModel``), whose forward is the one the training step calls
-    and which is not resharded after it, so the loss can read the heads' weights directly. A unit is a
-    module or a list of modules (FSDP2 groups a list). With a frozen backbone every unit, the root
-    included, holds only frozen or only trainable parameters of its own, never both (``check_units``).
+    Each decoder layer (the model's own ``_no_split_modules`` classes) is a unit; then the ``HFTrunk``
+    itself, which keeps what the layers leave: the embeddings, the final norm and the output layer (a
+    tied weight is one parameter there). Its ``forward`` is what both training (``CPModel.forward``) and
+    decoding (``CPModel.extend``) call, so it gathers U before the heads, the loss or ``lm_logits`` read
+    it. Then each transformer layer of ``block`` heads. The rest of the heads stays in the root unit
+    (the ``CPModel``), whose forward is the one the training step calls and which is not resharded
+    after it, so the loss can read the heads' weights directly. With a frozen backbone every unit, the
+    root included, holds only frozen or only trainable parameters of its own, never both
+    (``check_units``).
     """
+    from mtp_lightning.model.gpt import Block
+
     lm = model.trunk.lm
     names = set(getattr(lm, "_no_split_modules", None) or ())
-    base = lm.base_model
-    layers = [(m, False) for m in base.modules() if type(m).__name__ in names]
-    return layers + [([base, lm.get_output_embeddings()], True)]
+    layers = [(m, False) for m in lm.base_model.modules() if type(m).__name__ in names]
+    head_blocks = [(m, False) for m in model.heads.modules() if isinstance(m, Block)]
+    return layers + [(model.trunk, True)] + head_blocks
 
 
 def shard_frozen_backbone(model: nn.Module, fully_shard: Callable[..., nn.Module], **kwargs) -> nn.Module:
     """Apply FSDP2's ``fully_shard`` (with its mesh and policies in ``kwargs``) per ``fsdp_units``, then
-    to the root, for a ``ModelParallelStrategy``'s ``configure_model``. The unit holding U is not
-    resharded after its forward: the heads and the loss read U as a plain tensor after the trunk ran.
-    Checked on one CPU process (gloo) only: a forward, the CP loss and a backward. Decoding calls
-    (``extend``, ``factor_logprobs``) bypass the root's forward and are not covered."""
+    to the root; ``distributed.prepare_model`` calls it under ``trainer.strategy=fsdp``.
+
+    The unit holding U is not resharded after its forward: the heads, the loss and ``lm_logits`` read
+    U as a plain tensor after the trunk ran (in training, until the backward reshards it; in
+    decoding, each ``extend`` runs the trunk's forward first). A frozen backbone's fingerprint is
+    taken before sharding (checkpoints record it; the sharded weights are DTensors).
+
+    A frozen trunk's output z needs no gradient, and with ``linear``/``mlp`` heads nothing else that
+    an FSDP unit returns does (those heads run in the loss, outside any unit's forward). FSDP2 would
+    then never queue the callback that reduce-scatters gradients after the backward, and the sharded
+    heads would never get theirs. So in training z is handed on as a leaf that requires grad: the
+    backward also computes dL/dz (one product of the heads' size; nothing runs back through the
+    backbone), and FSDP2's hooks fire. ``block`` heads are units whose outputs need gradients already."""
+    frozen = getattr(model, "backbone_frozen", False)
+    if frozen:
+        model.trunk.fingerprint()  # cached: frozen weights never change
     units = fsdp_units(model)
     check_units([u for u, _ in units] + [model])
     for unit, holds_u in units:
         fully_shard(unit, **{**kwargs, **({"reshard_after_forward": False} if holds_u else {})})
+    if frozen and model.heads.kind != "block":  # before FSDP2's post-forward hook, which hooks z's backward
+        model.trunk.register_forward_hook(_z_requires_grad, prepend=True)
     return fully_shard(model, **kwargs)
+
+
+def _z_requires_grad(module: nn.Module, args, z: torch.Tensor) -> torch.Tensor:
+    """Forward hook of a sharded frozen trunk: z as a leaf that requires grad, in training only."""
+    if torch.is_grad_enabled() and not z.requires_grad:
+        return z.detach().requires_grad_()
+    return z
 
 
 def check_units(units: list) -> None:

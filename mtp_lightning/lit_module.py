@@ -202,8 +202,9 @@ class CPLightningModule(L.LightningModule):
             lr = head_lr if name.startswith("heads.") else o.lr
             groups.setdefault((lr, decay), []).append(p)
         param_groups = [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
-        fused = self.device.type == "cuda"
-        opt = torch.optim.AdamW(param_groups, betas=(o.beta1, o.beta2), fused=fused)
+        # no fused AdamW: Lightning's mixed-precision plugin refuses to clip the gradients of an
+        # optimizer that unscales them itself (found on an H200 with bf16-mixed and grad_clip > 0)
+        opt = torch.optim.AdamW(param_groups, betas=(o.beta1, o.beta2))
         total, warm, floor = self.cfg.trainer.max_steps, o.warmup_steps, o.min_lr_ratio
 
         def schedule(step: int) -> float:

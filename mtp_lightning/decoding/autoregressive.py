@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mtp_lightning.model import fastpath
 from mtp_lightning.decoding.sampling import GREEDY, Sampling, sample, warp_logprobs
 
 VERIFIERS = ("marginal", "lm_head")
@@ -104,7 +105,7 @@ def generate_ar(model, prompts, max_new_tokens: int, *, pad_mask: torch.Tensor |
     """Decode up to ``max_new_tokens`` per row, one verifier token per forward pass."""
     idx, pad_mask, slots = prepare_prompts(model, prompts, pad_mask, max_new_tokens, verifier)
     B, device = idx.shape[0], idx.device
-    with torch.inference_mode():
+    with torch.inference_mode(), fastpath.decoding():
         sync(device)
         t0 = time.perf_counter()
         cache = model.new_cache(B, slots)

@@ -40,6 +40,7 @@ from typing import Callable
 
 import torch
 
+from mtp_lightning.model import fastpath
 from mtp_lightning.decoding.autoregressive import (Generation, choose, last_position, prepare_prompts,
                                                    sync)
 from mtp_lightning.decoding.sampling import (GREEDY, Sampling, acceptance_prob, residual_logprobs, sample,
@@ -173,7 +174,7 @@ def generate_speculative(model, prompts, max_new_tokens: int, *, pad_mask: torch
     idx, pad_mask, slots = prepare_prompts(model, prompts, pad_mask, max_new_tokens, verifier, extra)
     device = idx.device
     rows = torch.arange(B, device=device)
-    with torch.inference_mode():
+    with torch.inference_mode(), fastpath.decoding():
         sync(device)
         t0 = time.perf_counter()
         cache = model.new_cache(B, slots)

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from mtp_lightning.config import ModelConfig
+from mtp_lightning.model.fastpath import skinny_linear
 from mtp_lightning.model.gpt import GPT, KVCache
 from mtp_lightning.model.heads import CPHeads
 
@@ -67,7 +68,7 @@ class CPModel(nn.Module):
         """(..., D) -> (..., V) logits of the plain next-token head: U z for the GPT trunk, the
         pretrained model's own output layer (bias and logit scaling included) for an HF trunk."""
         own = getattr(self.trunk, "lm_logits", None)
-        return own(z) if own is not None else z @ self.unembedding.T
+        return own(z) if own is not None else skinny_linear(z, self.unembedding)
 
     def forward(self, idx: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """idx (B, T) -> z (B, T, D) and the n per-offset head states (B, T, D)."""
@@ -97,7 +98,7 @@ class CPModel(nn.Module):
         states n x (..., D) -> (..., len(offsets), r, V) float32 log-probabilities. One matmul.
         """
         h = torch.stack([self.heads.expert_vectors(states[s], s) for s in offsets], dim=-3)  # (..., k, r, D)
-        return (h @ self.unembedding.T).float().log_softmax(-1)  # (..., k, r, V)
+        return skinny_linear(h, self.unembedding).float().log_softmax(-1)  # (..., k, r, V)
 
     def verifier_logprobs(self, z: torch.Tensor, states: list[torch.Tensor], verifier: str) -> torch.Tensor:
         """The next-token distribution p(. | context) as log-probs (..., V).

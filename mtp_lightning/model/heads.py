@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mtp_lightning.config import GPTConfig, HeadsConfig
+from mtp_lightning.model import fastpath
 from mtp_lightning.model.gpt import Block, KVCache
 
 
@@ -65,10 +66,13 @@ class CPHeads(nn.Module):
 
     def expert_vectors(self, u: torch.Tensor, s: int, experts: slice | None = None) -> torch.Tensor:
         """h_{s,a} for offset index s (0-based) from its state u (..., D) -> (..., r, D)."""
-        W = self.weight[s]  # (r, D_out, D_in)
-        if experts is not None:
-            W = W[experts]
-        h = torch.einsum("rod,...d->...ro", W, u)  # (..., r, D)
+        if experts is None and fastpath.applies(u):  # decoding: a few rows through a transposed copy
+            h = (u @ fastpath.transposed(self.weight, s)).unflatten(-1, (self.r, self.d))  # (..., r, D)
+        else:
+            W = self.weight[s]  # (r, D_out, D_in)
+            if experts is not None:
+                W = W[experts]
+            h = torch.einsum("rod,...d->...ro", W, u)  # (..., r, D)
         if self.kind == "mlp":
             return u.unsqueeze(-2) + F.silu(h)
         return h

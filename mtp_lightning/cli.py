@@ -97,6 +97,10 @@ def _quiet_libraries() -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.command == "fit":
+        if not args.config and not args.resume:
+            from mtp_lightning.config import DEFAULT_RECIPE
+
+            args.config = [str(DEFAULT_RECIPE)]  # `fit` with no --config: the embedded default run
         if args.print_config:
             return _print_config(args)
         from mtp_lightning.train import fit

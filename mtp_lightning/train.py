@@ -137,8 +137,11 @@ def build_callbacks(cfg: Config, paths: RunPaths, n_future: int) -> list:
         ModelCheckpoint(dirpath=paths.checkpoints, filename="step{step:07d}", save_last=True, save_top_k=0,
                         every_n_train_steps=c.every_n_steps, auto_insert_metric_name=False,
                         enable_version_counter=False),
+        # it also rewrites last.ckpt after each validation: the periodic save above runs before that
+        # step's validation, so its last.ckpt would record the best checkpoints as they were before it,
+        # and a run resumed from it would never delete the best file that validation wrote
         ModelCheckpoint(dirpath=paths.checkpoints, monitor=c.monitor, mode=mode, save_top_k=c.save_top_k,
-                        filename="best-step{step:07d}", auto_insert_metric_name=False,
+                        filename="best-step{step:07d}", auto_insert_metric_name=False, save_last=True,
                         save_on_train_epoch_end=False, enable_version_counter=False),
         LearningRateMonitor(logging_interval="step"),
         ThroughputMonitor(batch_size_fn=_windows_in, length_fn=functools.partial(_tokens_in, n_future=n_future),

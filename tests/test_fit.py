@@ -67,6 +67,15 @@ def test_resume_continues_steps_and_curves(smoke_run):
     assert steps == sorted(steps) and steps[-1] == 17 and len(steps) == len(set(steps))
 
 
+def test_last_checkpoint_knows_the_best_files_on_disk(smoke_run):
+    """last.ckpt records the best checkpoints as they are after that step's validation, so a resumed
+    run deletes the right file when a better one comes (it once recorded the state from before it)."""
+    saved = torch.load(smoke_run / "checkpoints" / "last.ckpt", weights_only=True)
+    best = next(v for k, v in saved["callbacks"].items() if "val/loss" in k)
+    on_disk = {p.name for p in (smoke_run / "checkpoints").glob("best-*.ckpt")}
+    assert {Path(p).name for p in best["best_k_models"]} == on_disk and len(on_disk) == 1
+
+
 def test_existing_run_is_not_overwritten(smoke_run, capsys):
     before = sorted((p.name, p.stat().st_mtime) for p in (smoke_run / "checkpoints").iterdir())
     code = main(["fit", "--config", CONF, f"run.root={smoke_run.parent}", "run.name=smoke", *FAST])

@@ -214,7 +214,7 @@ def test_fsdp2_per_block_sharding_gives_full_batch_gradients(tmp_path):
         assert result["z"].shape == (1, 4, 16) and torch.isfinite(result["z"]).all(), kind
 
 
-# ---- real fits on two processes (slow) ------------------------------------------------------------------
+# ---- real fits on two processes ------------------------------------------------------------------------
 
 def fit_cli(root: Path, name: str, *overrides: str, resume: bool = False) -> None:
     """``python -m mtp_lightning fit`` in a subprocess (Lightning's DDP launcher re-runs the command)."""
@@ -247,8 +247,7 @@ def single_process_run(tmp_path_factory):
     return root / "ref"
 
 
-@pytest.mark.slow
-@pytest.mark.distributed
+@pytest.mark.distributed  # not slow-marked: CI runs it (~80 s for both strategies and the reference)
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_process_fit_resume_matches_single_process(tmp_path, single_process_run, strategy):
     common = [f"trainer.strategy={strategy}", "trainer.devices=2", "data.batch_size=8", "trainer.limit_val_batches=2",

@@ -45,6 +45,17 @@ def global_step(ckpt: Path) -> int:
         return -1
 
 
+def sigterm_after_first_checkpoint(args: list[str], last: Path) -> tuple[subprocess.Popen, str]:
+    """Start ``fit``, send SIGTERM once ``last`` exists (or after 300 s); the process and its stderr."""
+    proc = cli(*args)
+    deadline = time.time() + 300
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    return proc, err
+
+
 def test_sigkill_then_resume_matches_uninterrupted_run_bit_for_bit(tmp_path):
     ref = cli("fit", "--config", CONF, f"run.root={tmp_path}", "run.name=ref", *EXACT)
     assert ref.wait(timeout=300) == 0, ref.stderr.read()
@@ -76,13 +87,8 @@ def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint(tmp_path):
     args = ["fit", "--config", CONF, f"run.root={tmp_path}", "run.name=term", "trainer.progress_bar=false",
             "spec.every_n_val=0", "trainer.max_steps=100000", "trainer.val_check_interval=1000",
             "checkpoint.every_n_steps=5"]
-    proc = cli(*args)
     last = tmp_path / "term" / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 300
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    proc, err = sigterm_after_first_checkpoint(args, last)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "Continue with: python -m mtp_lightning fit --resume last run.name=term" in err
     stopped = int(err.split(" at step ")[1].split(";")[0])
@@ -177,12 +183,8 @@ def test_resume_after_a_graceful_stop_keeps_one_last_checkpoint(tmp_path):
     args = ["fit", "--config", CONF, f"run.root={tmp_path}", "run.name=twice", "trainer.progress_bar=false",
             "spec.every_n_val=0", "trainer.max_steps=100000", "trainer.val_check_interval=1000",
             "checkpoint.every_n_steps=3"]
-    proc = cli(*args)
     last = tmp_path / "twice" / "checkpoints" / "last.ckpt"
-    while not last.exists() and proc.poll() is None:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=120)
+    sigterm_after_first_checkpoint(args, last)
     stopped = global_step(last)
     resumed = cli("fit", "--config", CONF, "--resume", "last", *args[3:-4], "spec.every_n_val=0",
                   f"trainer.max_steps={stopped + 6}", "trainer.val_check_interval=1000", "checkpoint.every_n_steps=3")

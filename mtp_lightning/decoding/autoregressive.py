@@ -99,6 +99,18 @@ def choose(logp: torch.Tensor, sampling: Sampling, generator: torch.Generator | 
     return sample(warp_logprobs(logp, sampling), generator)
 
 
+def prefill(model, idx: torch.Tensor, pad_mask: torch.Tensor | None, slots: int, verifier: str,
+            sampling: Sampling, generator: torch.Generator | None):
+    """Both decoders' first pass: a new cache of ``slots`` filled with the prompts idx (B, T), and the
+    verifier's first token. Returns the cache, z (B, D) and the head states at the last position, the
+    verifier's offset-1 factors there (``marginal``; None for ``lm_head``) and the token (B,)."""
+    cache = model.new_cache(idx.shape[0], slots)
+    z, states = model.extend(idx, cache, pad_mask)  # (B, T, D)
+    zt, st = last_position(z, states)
+    logp, lp1 = model.verifier_and_factors(zt, st, verifier)  # (B, V), (B, r, V) or None
+    return cache, zt, st, lp1, choose(logp, sampling, generator)
+
+
 def generate_ar(model, prompts, max_new_tokens: int, *, pad_mask: torch.Tensor | None = None,
                 verifier: str = "marginal", sampling: Sampling = GREEDY,
                 generator: torch.Generator | None = None, eos_id: int | None = None) -> Generation:
@@ -108,10 +120,7 @@ def generate_ar(model, prompts, max_new_tokens: int, *, pad_mask: torch.Tensor |
     with torch.inference_mode(), fastpath.decoding():
         sync(device)
         t0 = time.perf_counter()
-        cache = model.new_cache(B, slots)
-        z, states = model.extend(idx, cache, pad_mask)  # (B, T, D)
-        zt, st = last_position(z, states)
-        tok = choose(model.verifier_logprobs(zt, st, verifier), sampling, generator)  # (B,)
+        cache, _, _, _, tok = prefill(model, idx, pad_mask, slots, verifier, sampling, generator)  # tok (B,)
         sync(device)
         t_prefill = time.perf_counter() - t0
         out = [tok]

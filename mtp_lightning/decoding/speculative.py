@@ -41,8 +41,7 @@ from typing import Callable
 import torch
 
 from mtp_lightning.model import fastpath
-from mtp_lightning.decoding.autoregressive import (Generation, choose, last_position, prepare_prompts,
-                                                   sync)
+from mtp_lightning.decoding.autoregressive import Generation, prefill, prepare_prompts, sync
 from mtp_lightning.decoding.sampling import (GREEDY, Sampling, acceptance_prob, residual_logprobs, sample,
                                              warp_logprobs)
 
@@ -177,11 +176,7 @@ def generate_speculative(model, prompts, max_new_tokens: int, *, pad_mask: torch
     with torch.inference_mode(), fastpath.decoding():
         sync(device)
         t0 = time.perf_counter()
-        cache = model.new_cache(B, slots)
-        z, states = model.extend(idx, cache, pad_mask)  # (B, T, D)
-        zt, st = last_position(z, states)
-        logp, lp1 = model.verifier_and_factors(zt, st, verifier)  # (B, V), (B, r, V) or None
-        c = choose(logp, sampling, generator)  # (B,)
+        cache, zt, st, lp1, c = prefill(model, idx, pad_mask, slots, verifier, sampling, generator)  # c (B,)
         first = c.tolist()
         sync(device)
         t_prefill = time.perf_counter() - t0

@@ -59,8 +59,9 @@ def transposed(weight: torch.Tensor, index: int | None = None) -> torch.Tensor:
 
 
 def applies(x: torch.Tensor) -> bool:
-    return (_depth > 0 and x.device.type == "cpu" and not torch.is_grad_enabled() and x.dim() >= 1 and x.shape[-1] > 0
-            and x.numel() // x.shape[-1] <= MAX_ROWS)
+    """Inside ``decoding()``, on the CPU, without autograd, for at most ``MAX_ROWS`` rows."""
+    return (_depth > 0 and x.device.type == "cpu" and not torch.is_grad_enabled() and x.dim() >= 1
+            and x.shape[-1] > 0 and x.numel() // x.shape[-1] <= MAX_ROWS)
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

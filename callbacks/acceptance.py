@@ -141,7 +141,7 @@ class SpecAcceptanceCallback(pl.Callback):
                 result = generate_speculative(model, prompts, self.max_new_tokens, verifier=self.verifier,
                                               draft_len=k, sampling=sampling, generator=gen, sync_done=sync_done)
             metric.update(*result.step_counts())
-            stats = metric.compute()  # sums across ranks
+            stats = metric.summary()  # sums across ranks
             out[f"{prefix}acceptance_rate"] = stats["acceptance_rate"]
             out[f"{prefix}mean_acceptance_length"] = stats["mean_acceptance_length"]
             for j, rate in enumerate(stats["per_position"], start=1):

@@ -72,7 +72,7 @@ def generate(args) -> int:
                                    generator=generator, on_step=stream)
         metric = SpecAcceptance(k)
         metric.update(*out.step_counts())
-        m = metric.compute()
+        m = metric.summary()
         stats = {"acceptance_rate": float(m["acceptance_rate"]),
                  "mean_acceptance_length": float(m["mean_acceptance_length"]),
                  "per_position": [float(x) for x in m["per_position"]]}

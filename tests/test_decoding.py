@@ -328,6 +328,14 @@ def test_metric_compute_on_hand_written_counts():
     assert metric.compute()["mean_acceptance_length"].item() == 0.0
 
 
+def test_metric_summary_keeps_per_position_a_vector_at_draft_length_1():
+    metric = SpecAcceptance(1)
+    metric.update(torch.tensor([1, 0, 1, 1]))
+    out = metric.summary()
+    assert out["per_position"].shape == (1,) and out["per_position"].tolist() == pytest.approx([0.75])
+    assert out["mean_acceptance_length"].item() == pytest.approx(7 / 4) and out["histogram"].tolist() == [1, 3]
+
+
 @pytest.mark.parametrize("tables,tau", [(ALWAYS, 4.0), (PARTLY, 2.0), (NEVER, 1.0)])
 def test_teacher_forced_estimate_on_stub(tables, tau):
     model = StubModel([tables])

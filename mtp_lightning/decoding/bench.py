@@ -29,7 +29,7 @@ def _ms_per_step(runs) -> float:
 
 
 def _acceptance(metric: SpecAcceptance, prefix: str = "") -> dict:
-    out = metric.compute()
+    out = metric.summary()
     return {f"{prefix}mean_acceptance_length": float(out["mean_acceptance_length"]),
             f"{prefix}acceptance_rate": float(out["acceptance_rate"]),
             f"{prefix}per_position": out["per_position"].tolist(),

@@ -61,3 +61,9 @@ class SpecAcceptance(Metric):
             "per_position": ratio(self.position_accepted, self.position_drafted),  # (k,)
             "histogram": self.histogram.clone(),  # (k+1,)
         }
+
+    def summary(self) -> dict[str, torch.Tensor]:
+        """``compute()`` with ``per_position`` always of shape (k,): torchmetrics returns a one-element
+        result as a scalar, which a draft length of 1 would otherwise produce."""
+        out = self.compute()
+        return {**out, "per_position": out["per_position"].reshape(-1)}

@@ -77,12 +77,8 @@ def _matmul_gflops(d: int, vocab: int, rows: int = 1024, reps: int = 5, device: 
     cuda = device == "cuda"
     inner = 10 if cuda else 1
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    if device == "cpu" and dtype == "float32":
-        h, U = torch.randn(rows, d), torch.randn(vocab, d)
-        out = torch.empty(rows, vocab)
-    else:
-        h, U = torch.randn(rows, d, device=device, dtype=dt), torch.randn(vocab, d, device=device, dtype=dt)
-        out = torch.empty(rows, vocab, device=device, dtype=dt)
+    h, U = torch.randn(rows, d, device=device, dtype=dt), torch.randn(vocab, d, device=device, dtype=dt)
+    out = torch.empty(rows, vocab, device=device, dtype=dt)
     torch.matmul(h, U.T, out=out)
     sync()
     best = float("inf")
@@ -151,10 +147,7 @@ def run_row(spec: dict) -> dict:
         products = 1 if spec["kind"].startswith("ntp") else n * r
         floor = 6.0 * products * B * T * V * D
         dtype = products_dtype(spec)
-        if device == "cuda":
-            rate = _matmul_gflops(D, V, rows=B * T, device=device, dtype=dtype)
-        else:
-            rate = _matmul_gflops(D, V, dtype=dtype)
+        rate = _matmul_gflops(D, V, rows=B * T if device == "cuda" else 1024, device=device, dtype=dtype)
     finally:
         if strategy != "none":
             torch.distributed.destroy_process_group()
@@ -296,25 +289,21 @@ def run_specs(specs: list[dict], budget_gib: float, log=print, on_row=None) -> l
         label = f"V={spec['vocab']} {spec['kind']} n={spec['n']} r={spec['r']}"
         if spec["kind"] == "naive" and naive_bytes(spec) > budget_gib * 2**30:
             need = naive_bytes(spec) / 2**30
-            rows.append({**spec, "skipped": f"naive loss would hold ~{need:.1f} GiB of logits "
-                                            f"(> --mem-budget-gib {budget_gib:g})"})
-            log(f"  {label}: skipped ({rows[-1]['skipped']})")
-            if on_row:
-                on_row(rows)
-            continue
-        cmd = [sys.executable, "-m", "mtp_lightning.bench_train", WORKER_FLAG, json.dumps(spec)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            tail = (proc.stderr.strip().splitlines() or ["?"])[-1][:200]
-            rows.append({**spec, "skipped": f"failed: {tail}"})
-            log(f"  {label}: failed ({tail})")
-            if on_row:
-                on_row(rows)
-            continue
-        row = json.loads(proc.stdout.strip().splitlines()[-1])
+            row = {**spec, "skipped": f"naive loss would hold ~{need:.1f} GiB of logits "
+                                      f"(> --mem-budget-gib {budget_gib:g})"}
+            log(f"  {label}: skipped ({row['skipped']})")
+        else:
+            cmd = [sys.executable, "-m", "mtp_lightning.bench_train", WORKER_FLAG, json.dumps(spec)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                tail = (proc.stderr.strip().splitlines() or ["?"])[-1][:200]
+                row = {**spec, "skipped": f"failed: {tail}"}
+                log(f"  {label}: failed ({tail})")
+            else:
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
+                kind = " (CUDA allocated)" if row.get("peak_kind") == "cuda_max_allocated" else ""
+                log(f"  {label}: {row['step_s']:.2f} s/step, peak {row['step_peak_mib']:.0f} MiB{kind}")
         rows.append(row)
-        kind = " (CUDA allocated)" if row.get("peak_kind") == "cuda_max_allocated" else ""
-        log(f"  {label}: {row['step_s']:.2f} s/step, peak {row['step_peak_mib']:.0f} MiB{kind}")
         if on_row:
             on_row(rows)
     return rows

@@ -8,7 +8,7 @@ collected, so the user sees every mistake at once.
 Each component receives its own sub-config (``cfg.model.gpt``, ``cfg.data``, ...), never the whole run.
 
 ``python -m mtp_lightning fit`` with no ``--config`` runs ``DEFAULT_RECIPE`` (a YAML file inside the
-package) over these defaults: the recipe spends a 2-core CPU's ten minutes where they buy quality,
+package) over these defaults: the recipe spends about ten minutes of a 2-core CPU where they buy quality,
 while the schema's own defaults keep every compute-cutting option off.
 """
 
@@ -216,11 +216,10 @@ class SpecConfig:
 
 @dataclass
 class Config:
-    """The defaults are the `python -m mtp_lightning fit` preset: a 4-layer, width-256 GPT with CP heads
-    (n=4, r=2) on the standard library's source, about 10 minutes on 2 CPU cores. The heads' cost is kept
-    down by computing offsets 2..n on a quarter of the positions, while the next-token term (weight 1)
-    trains every position: at this size the n*r unembedding products would otherwise cost more than the
-    trunk (docs/benchmarks.md)."""
+    """The schema's defaults: a 4-layer, width-256 GPT with CP heads (n=4, r=2) on the standard
+    library's source, every compute-cutting option off. ``python -m mtp_lightning fit`` with no
+    ``--config`` adds ``DEFAULT_RECIPE`` on top (joint weight, position subset, batch, steps), which fits
+    a 2-core CPU's budget (docs/benchmarks.md)."""
 
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mtp_lightning.model import fastpath
 from mtp_lightning.decoding.sampling import GREEDY, Sampling, sample, warp_logprobs
+from mtp_lightning.model import fastpath
 
 VERIFIERS = ("marginal", "lm_head")
 

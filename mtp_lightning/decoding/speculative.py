@@ -40,10 +40,10 @@ from typing import Callable
 
 import torch
 
-from mtp_lightning.model import fastpath
 from mtp_lightning.decoding.autoregressive import Generation, prefill, prepare_prompts, sync
 from mtp_lightning.decoding.sampling import (GREEDY, Sampling, acceptance_prob, residual_logprobs, sample,
                                              warp_logprobs)
+from mtp_lightning.model import fastpath
 
 
 @dataclass

@@ -348,14 +348,13 @@ def _z_requires_grad(module: nn.Module, args, z: torch.Tensor) -> torch.Tensor:
     return z
 
 
-def check_units(units: list) -> None:
-    """Assert that no unit (a module or a list of modules, innermost first) mixes frozen and trainable
-    parameters of its own, i.e. outside the units before it."""
+def check_units(units: list[nn.Module]) -> None:
+    """Assert that no unit (innermost first) mixes frozen and trainable parameters of its own, i.e.
+    outside the units before it."""
     claimed: set[int] = set()
     for unit in units:
-        modules = unit if isinstance(unit, list) else [unit]
-        own = [p for m in modules for p in m.parameters() if id(p) not in claimed]
+        own = [p for p in unit.parameters() if id(p) not in claimed]
         kinds = {p.requires_grad for p in own}
-        assert len(kinds) <= 1, f"FSDP unit {type(modules[0]).__name__} mixes frozen and trainable parameters"
+        assert len(kinds) <= 1, f"FSDP unit {type(unit).__name__} mixes frozen and trainable parameters"
         claimed.update(id(p) for p in own)
 

@@ -182,6 +182,10 @@ def load_for_inference(path: str | os.PathLike, device: str = "cpu"):
 
 def load_state(model: torch.nn.Module, state: dict, path) -> None:
     """load_state_dict with a clear message when the checkpoint's architecture differs."""
+    from mtp_lightning.model.heads import split_stacked_weight
+
+    state = dict(state)
+    split_stacked_weight(state, "heads.")  # the layout before offset 1 had its own parameter
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

@@ -215,6 +215,29 @@ class SpecConfig:
 
 
 @dataclass
+class DraftTuningConfig:
+    """Self-distillation of the draft heads, run by ``fit`` after ``trainer.max_steps`` (METHOD.md §3
+    measures drafts against the model's own choices, so they are trained on the model's own text).
+
+    At the first draft-tuning step the model greedily continues ``sequences`` prompts from the training
+    split (``prompt_len`` tokens each, ``new_tokens`` more). Then, for ``steps`` optimizer steps, only
+    the maps of offsets 2..n learn to predict those continuations: the joint likelihood of each
+    continuation given its first token, under the frozen router and offset-1 factors. The trunk, the
+    router and offset 1 (the verifier) never change, so decoding outputs stay exactly what they were;
+    drafts get accepted more often."""
+
+    steps: int = 0
+    """Optimizer steps after trainer.max_steps; 0 turns draft tuning off."""
+    sequences: int = 256
+    prompt_len: int = 64
+    new_tokens: int = 128
+    batch_size: int = 8
+    """Continuations per optimizer step (per rank)."""
+    lr: float = 1e-3
+    """Constant learning rate of the draft maps during draft tuning."""
+
+
+@dataclass
 class Config:
     """The schema's defaults: a 4-layer, width-256 GPT with CP heads (n=4, r=2) on the standard
     library's source, every compute-cutting option off. ``python -m mtp_lightning fit`` with no
@@ -229,6 +252,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     spec: SpecConfig = field(default_factory=SpecConfig)
+    draft_tuning: DraftTuningConfig = field(default_factory=DraftTuningConfig)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -419,6 +443,23 @@ def validate(cfg: Config) -> None:
     if not 0.0 <= lc.distill_beta <= 1.0 or lc.distill_gamma <= 0:
         errors.append(f"model.loss.distill_beta={lc.distill_beta} must be in [0, 1] and "
                       f"model.loss.distill_gamma={lc.distill_gamma} > 0")
+    dt = cfg.draft_tuning
+    if dt.steps < 0:
+        errors.append(f"draft_tuning.steps={dt.steps} must be >= 0 (0 turns draft tuning off)")
+    if dt.steps > 0:
+        for key in ("sequences", "prompt_len", "new_tokens", "batch_size"):
+            positive(f"draft_tuning.{key}", getattr(dt, key))
+        if dt.lr <= 0:
+            errors.append(f"draft_tuning.lr={dt.lr} must be > 0")
+        if h.n_future < 2:
+            errors.append("draft_tuning.steps > 0 trains the draft offsets 2..n, but model.heads.n_future=1 "
+                          "has none; set draft_tuning.steps=0")
+        if cfg.model.backbone.kind == "gpt" and dt.prompt_len + dt.new_tokens > g.max_seq_len:
+            errors.append(f"draft_tuning.prompt_len={dt.prompt_len} + draft_tuning.new_tokens={dt.new_tokens} "
+                          f"exceeds model.gpt.max_seq_len={g.max_seq_len}; lower one of them")
+        if dt.new_tokens < h.n_future:
+            errors.append(f"draft_tuning.new_tokens={dt.new_tokens} must be >= model.heads.n_future="
+                          f"{h.n_future}: a continuation must hold every offset's target")
     if cfg.trainer.accumulate_grad_batches < 1:
         errors.append("trainer.accumulate_grad_batches must be >= 1")
     if not cfg.run.name or "/" in cfg.run.name or cfg.run.name in (".", ".."):

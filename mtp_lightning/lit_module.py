@@ -45,6 +45,7 @@ class CPLightningModule(L.LightningModule):
         self.nonfinite_skips = 0
         self._model_prepared = False
         self._extra_logs: dict[str, torch.Tensor] = {}  # terms beyond cp_objective, for _log_terms
+        self._draft_pool: torch.Tensor | None = None  # draft tuning's continuations, made on first use
         # distillation in joint mode needs the base model as it was: a frozen copy, kept out of the
         # module tree (never saved, never optimised; moved to the device on first use)
         self._teacher: list[torch.nn.Module] = []
@@ -131,7 +132,67 @@ class CPLightningModule(L.LightningModule):
         if stage == "train":
             self.last_expert_choice = terms.log_w.argmax(-1)  # (N,)
 
+    @property
+    def draft_tuning(self) -> bool:
+        """True once ``trainer.max_steps`` are done and ``draft_tuning.steps`` follow (see draft_tuning.py)."""
+        return self.cfg.draft_tuning.steps > 0 and self.global_step >= self.cfg.trainer.max_steps
+
+    def _draft_step(self) -> torch.Tensor:
+        """One draft-tuning step. The data loader's window is not used: the batch comes from the pool of
+        the model's own continuations, chosen by the step number alone (so a resume draws the same)."""
+        from mtp_lightning.draft_tuning import draft_objective, pool_batch
+
+        dt, n = self.cfg.draft_tuning, self.model.n_future
+        if self._draft_pool is None:
+            self._draft_pool = self._make_draft_pool()
+        rows = pool_batch(self._draft_pool, self.global_step, self.cfg.run.seed, dt.batch_size,
+                          self.global_rank, self.trainer.world_size).to(self.device)  # (B, P + G)
+        inputs, targets = split_window(rows, n)  # (B, T), (B, T, n)
+        z, states = self.model(inputs, frozen_trunk=True)  # (B, T, D)
+        # position t's first target is token t + 1: from t = P - 1 on, every target was generated
+        loss = draft_objective(self.model.heads, z, states, self.model.unembedding, targets,
+                               dt.prompt_len - 1, self.cfg.model.loss)
+        # its own curve: train/loss stays the main objective's
+        self.log("train/draft_nll_per_token", loss / (n - 1), prog_bar=True, batch_size=rows.shape[0])
+        return loss
+
+    def _make_draft_pool(self) -> torch.Tensor:
+        """Greedy continuations of ``draft_tuning.sequences`` training-split prompts. The verifier is
+        frozen from here on, so a resumed run rebuilds the very same pool."""
+        from mtp_lightning.draft_tuning import generate_pool
+
+        dt = self.cfg.draft_tuning
+        prompts = self.trainer.datamodule.val_prompts(dt.sequences, dt.prompt_len, split="train").to(self.device)
+        # self.print: rank zero only, and above the progress bar
+        self.print(f"draft tuning: the model continues {dt.sequences} training prompts by "
+                       f"{dt.new_tokens} tokens, then trains offsets 2..{self.model.n_future} on them "
+                       f"for {dt.steps} steps")
+        step = max(1, dt.sequences // 8)
+
+        def report(done: int) -> None:
+            if done % step < 16 or done == dt.sequences:
+                self.print(f"draft tuning: {done}/{dt.sequences} continuations")
+
+        from torch.distributed.fsdp import FSDPModule
+
+        sharded = isinstance(self.model, FSDPModule)
+        if sharded:
+            # a resumed run has not run the root's forward yet, and FSDP2 sets up its units there: a
+            # decoding call first would set up the first block as a root of its own. The root's forward
+            # also gathers the weights decoding reads directly (embeddings, heads).
+            with torch.no_grad():
+                self.model(prompts[:1, :2])
+            self.model.unshard()
+        try:
+            return generate_pool(self.model, prompts, dt.new_tokens, self.cfg.spec.verifier, on_batch=report,
+                                 inference_mode=not sharded)
+        finally:
+            if sharded:
+                self.model.reshard()
+
     def training_step(self, window: torch.Tensor, batch_idx: int):
+        if self.draft_tuning:
+            return self._draft_step()
         _, _, _, _, terms = self._terms(window)
         finite = bool(torch.isfinite(terms.loss))
         if self.trainer.world_size > 1:
@@ -206,8 +267,11 @@ class CPLightningModule(L.LightningModule):
         # optimizer that unscales them itself (found on an H200 with bf16-mixed and grad_clip > 0)
         opt = torch.optim.AdamW(param_groups, betas=(o.beta1, o.beta2))
         total, warm, floor = self.cfg.trainer.max_steps, o.warmup_steps, o.min_lr_ratio
+        draft_scale = self.cfg.draft_tuning.lr / head_lr  # only the draft maps get gradients then
 
         def schedule(step: int) -> float:
+            if step >= total:
+                return draft_scale
             if step < warm:
                 return (step + 1) / warm
             progress = min(1.0, (step - warm) / max(1, total - warm))

@@ -108,10 +108,14 @@ def build_strategy(cfg: Config):
         from mtp_lightning.distributed import fsdp_strategy
 
         return fsdp_strategy(cfg)
-    if s in ("ddp", "ddp_spawn") and not torch.cuda.is_available():
+    # draft tuning trains the draft maps only: DDP must not wait for the other parameters' gradients
+    unused = cfg.draft_tuning.steps > 0
+    if s in ("ddp", "ddp_spawn") and (unused or not torch.cuda.is_available()):
         from lightning.pytorch.strategies import DDPStrategy
 
-        return DDPStrategy(process_group_backend="gloo", start_method="spawn" if s == "ddp_spawn" else "popen")
+        return DDPStrategy(process_group_backend=None if torch.cuda.is_available() else "gloo",
+                           start_method="spawn" if s == "ddp_spawn" else "popen",
+                           find_unused_parameters=unused)
     return s
 
 
@@ -122,6 +126,15 @@ def _windows_in(window: torch.Tensor) -> int:
 
 def _tokens_in(window: torch.Tensor, n_future: int) -> int:
     return window.shape[0] * (window.shape[1] - n_future)  # predicted positions, not window length
+
+
+class TrainingThroughput(ThroughputMonitor):
+    """Lightning's throughput monitor, silent during draft tuning: those steps train on the model's own
+    continuations, not on the loader's windows this monitor would count."""
+
+    def on_train_batch_end(self, trainer, pl_module, *args, **kwargs) -> None:
+        if not getattr(pl_module, "draft_tuning", False):
+            super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
 
 
 def build_callbacks(cfg: Config, paths: RunPaths, n_future: int) -> list:
@@ -144,7 +157,7 @@ def build_callbacks(cfg: Config, paths: RunPaths, n_future: int) -> list:
                         filename="best-step{step:07d}", auto_insert_metric_name=False, save_last=True,
                         save_on_train_epoch_end=False, enable_version_counter=False),
         LearningRateMonitor(logging_interval="step"),
-        ThroughputMonitor(batch_size_fn=_windows_in, length_fn=functools.partial(_tokens_in, n_future=n_future),
+        TrainingThroughput(batch_size_fn=_windows_in, length_fn=functools.partial(_tokens_in, n_future=n_future),
                           window_size=max(2, cfg.trainer.log_every_n_steps)),
         MixtureHistogramCallback(every_n_steps=cfg.trainer.log_every_n_steps),
         GracefulStopCallback(),
@@ -163,7 +176,7 @@ class ProgressBar(TQDMProgressBar):
         monitor = next((c for c in trainer.callbacks if isinstance(c, ThroughputMonitor)), None)
         throughput = getattr(monitor, "_throughputs", {}).get(trainer.state.stage)
         tps = throughput.compute().get("device/items_per_sec") if throughput is not None else None
-        if tps is not None:
+        if tps is not None and not getattr(pl_module, "draft_tuning", False):
             metrics["tok/s"] = f"{float(tps):.0f}"
         return metrics
 
@@ -180,7 +193,7 @@ def build_trainer(cfg: Config, paths: RunPaths | None, n_future: int) -> L.Train
         callbacks.append(ProgressBar(refresh_rate=max(1, t.log_every_n_steps // 2)))
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, strategy=build_strategy(cfg), precision=resolve_precision(cfg),
-        max_steps=t.max_steps, max_epochs=-1, val_check_interval=t.val_check_interval,
+        max_steps=t.max_steps + cfg.draft_tuning.steps, max_epochs=-1, val_check_interval=t.val_check_interval,
         check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches,
         limit_test_batches=t.limit_val_batches,
         log_every_n_steps=t.log_every_n_steps, accumulate_grad_batches=t.accumulate_grad_batches,

@@ -40,6 +40,11 @@ def test_keys_other_tools_rely_on():
     (["trainer.strategy=deepspeed"], "trainer.strategy='deepspeed' is not one of"),
     (["max_steps"], "override 'max_steps' is not of the form key=value"),
     (["run.name=a/b"], "run.name='a/b' must be a plain folder name"),
+    (["draft_tuning.steps=-1"], "draft_tuning.steps=-1 must be >= 0 (0 turns draft tuning off)"),
+    (["draft_tuning.steps=5", "draft_tuning.new_tokens=200"],
+     "draft_tuning.prompt_len=64 + draft_tuning.new_tokens=200 exceeds model.gpt.max_seq_len=256"),
+    (["draft_tuning.steps=5", "model.heads.n_future=1"], "model.heads.n_future=1 has none"),
+    (["draft_tuning.steps=5", "draft_tuning.lr=0"], "draft_tuning.lr=0.0 must be > 0"),
 ])
 def test_errors_name_the_key_and_value(overrides, message):
     with pytest.raises(UserError) as e:

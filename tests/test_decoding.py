@@ -282,7 +282,9 @@ SAMPLERS = [Sampling(1.0), Sampling(0.7, top_k=3), Sampling(1.3, top_p=0.8)]
 def test_speculative_sampling_matches_the_verifier_distribution(s, monkeypatch):
     model = tiny_model("mlp", rank=2, vocab=4, n_future=3, seed=1, max_seq_len=16)
     with torch.no_grad():  # sharper, distinct factors, so drafts are often rejected and residuals matter
-        model.heads.weight.add_(torch.randn_like(model.heads.weight))
+        noise = torch.randn(model.n_future, *model.heads.next_weight.shape)
+        model.heads.next_weight.add_(noise[0])
+        model.heads.draft_weight.add_(noise[1:])
     prompt, n_tokens, rows = [1, 2], 4, 12000
     probs = exact_distribution(model, prompt, n_tokens, s)
     spec = lambda *a, **kw: generate_speculative(*a, draft_len=2, **kw)  # noqa: E731

@@ -236,14 +236,18 @@ def val_losses(run: Path) -> tuple[list[tuple[int, float]], list[str]]:
 
 
 STEPS = ["trainer.val_check_interval=2", "checkpoint.every_n_steps=2", "trainer.log_every_n_steps=1"]
+# the last 2 of 6 steps are draft tuning: 8 continuations, all of them in each global batch
+DRAFT = ["draft_tuning.steps=2", "draft_tuning.sequences=8", "draft_tuning.prompt_len=8",
+         "draft_tuning.new_tokens=8"]
 
 
 @pytest.fixture(scope="module")
 def single_process_run(tmp_path_factory):
-    """One process, batch 2B = 16, six steps: the reference for 2 processes x B = 8."""
+    """One process, batch 2B = 16, four steps and two of draft tuning: the reference for 2 processes x B = 8."""
     root = tmp_path_factory.mktemp("single")
     # validation sees the same 16 windows as the 2-process runs (2 batches of 8 there, 1 of 16 here)
-    fit_cli(root, "ref", "data.batch_size=16", "trainer.limit_val_batches=1", "trainer.max_steps=6", *STEPS)
+    fit_cli(root, "ref", "data.batch_size=16", "trainer.limit_val_batches=1", "trainer.max_steps=4", *STEPS,
+            *DRAFT, "draft_tuning.batch_size=8")
     return root / "ref"
 
 
@@ -256,12 +260,14 @@ def test_two_process_fit_resume_matches_single_process(tmp_path, single_process_
     last = tmp_path / "multi" / "checkpoints" / "last.ckpt"
     assert last.is_dir() == (strategy == "fsdp") and is_sharded_checkpoint(last) == (strategy == "fsdp")
     assert safe_load(last)["global_step"] == 4
-    fit_cli(tmp_path, "multi", "trainer.max_steps=6", *common, resume=True)
+    # resumed into draft tuning: DDP must accept the parameters without gradients, every rank rebuilds
+    # the same pool, and each takes half of every global batch
+    fit_cli(tmp_path, "multi", "trainer.max_steps=4", *common, *DRAFT, "draft_tuning.batch_size=4", resume=True)
     multi = safe_load(last)
     ref = safe_load(single_process_run / "checkpoints" / "last.ckpt")
     assert multi["global_step"] == ref["global_step"] == 6
     assert multi[META_KEY]["config"]["trainer"]["strategy"] == strategy
-    # weights after 4 steps, a resume and 2 more: the same as one process on the same global batches
+    # weights after 4 steps, a resume and 2 of draft tuning: the same as one process on the same batches
     for k, v in ref["state_dict"].items():
         torch.testing.assert_close(multi["state_dict"][k], v, rtol=0, atol=1e-5, msg=k)
     (ref_val, _), (multi_val, tags) = val_losses(single_process_run), val_losses(tmp_path / "multi")

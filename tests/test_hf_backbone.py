@@ -159,7 +159,8 @@ def test_distillation_is_zero_when_heads_equal_the_base():
 
     heads = CPHeads(cfg.heads, GPTConfig(d_model=D, n_head=2, vocab_size=V))
     with torch.no_grad():
-        heads.weight.copy_(torch.eye(D).expand(n, r, D, D))
+        heads.next_weight.copy_(torch.eye(D).expand(r, D, D))
+        heads.draft_weight.copy_(torch.eye(D).expand(n - 1, r, D, D))
     U = torch.randn(V, D)
     z = torch.randn(1, 1, D).expand(2, 7, D).contiguous()
     targets = torch.randint(0, V, (2, 7, n))
@@ -183,7 +184,8 @@ def test_distillation_offset1_is_zero_on_the_real_backbone(base_folder):
     """Identity heads on the HF trunk: q_1 is the base model's own next-token distribution."""
     model = hf_model(base_folder, kind="linear", n_future=2, rank=2)
     with torch.no_grad():
-        model.heads.weight.copy_(torch.eye(32).expand(2, 2, 32, 32))
+        model.heads.next_weight.copy_(torch.eye(32).expand(2, 32, 32))
+        model.heads.draft_weight.copy_(torch.eye(32).expand(1, 2, 32, 32))
     ids = torch.randint(1, 300, (2, 10))
     targets = torch.randint(1, 300, (2, 10, 2))
     z, states = model(ids)
@@ -195,7 +197,8 @@ def test_distillation_offset1_is_zero_on_the_real_backbone(base_folder):
     terms = distill_objective(model.heads, z, states, U, z, model.lm_logits, targets,
                               LossConfig(chunk_size=7, distill_beta=0.5))
     terms.loss.backward()
-    assert model.heads.weight.grad is not None and U.grad is None
+    assert model.heads.next_weight.grad is not None and model.heads.draft_weight.grad is not None
+    assert U.grad is None
 
 
 # ---- training, checkpoints, decoding from them ---------------------------------------------------
@@ -233,7 +236,7 @@ def test_heads_only_fit_keeps_backbone_bit_identical(heads_only_run):
     trunk = model.trunk.lm.state_dict()
     assert all(torch.equal(trunk[k], v) for k, v in base.items())
     fresh = hf_model(folder, n_future=3, rank=2)
-    assert not torch.equal(model.heads.weight, fresh.heads.weight)  # the heads did train
+    assert not torch.equal(model.heads.draft_weight, fresh.heads.draft_weight)  # the heads did train
     # only the heads have optimizer state
     n_opt = sum(len(g["params"]) for g in ckpt["optimizer_states"][0]["param_groups"])
     assert n_opt == len(list(model.heads.parameters()))

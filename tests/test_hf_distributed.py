@@ -74,7 +74,7 @@ targets = torch.stack([ids[:, s + 1: s + 10] for s in range(3)], -1)
 for _ in range(2):
     z, states = model(ids[:, :9])
     cp_objective(model.heads, z, states, model.unembedding, targets, LossConfig()).loss.backward()
-assert model.heads.weight.grad is not None
+assert model.heads.next_weight.grad is not None and model.heads.draft_weight.grad is not None
 print("fsdp-ok")
 dist.destroy_process_group()
 """
@@ -243,9 +243,9 @@ def test_fsdp_with_a_frozen_backbone_fits_and_resumes(tmp_path):
     assert all(k.startswith("state_dict.model.heads.") for k in keys if k.startswith("state_dict."))
     state = [k for k in keys if k.startswith("optimizer_0.state.")]
     assert state and all(k.startswith("optimizer_0.state.model.heads.") for k in state)
-    step = {"optimizer_0.state.model.heads.weight.step": torch.zeros(())}
+    step = {"optimizer_0.state.model.heads.draft_weight.step": torch.zeros(())}
     dcp.load(step, checkpoint_id=str(path), no_dist=True)
-    assert float(step["optimizer_0.state.model.heads.weight.step"]) == 6  # Adam's state came back, too
+    assert float(step["optimizer_0.state.model.heads.draft_weight.step"]) == 6  # Adam's state came back, too
     assert not any(torch.equal(ckpt["state_dict"][k], v) for k, v in first["state_dict"].items())  # trained on
     model, _, _ = load_for_inference(path)
     trunk = model.trunk.lm.state_dict()

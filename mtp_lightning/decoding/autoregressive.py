@@ -113,11 +113,15 @@ def prefill(model, idx: torch.Tensor, pad_mask: torch.Tensor | None, slots: int,
 
 def generate_ar(model, prompts, max_new_tokens: int, *, pad_mask: torch.Tensor | None = None,
                 verifier: str = "marginal", sampling: Sampling = GREEDY,
-                generator: torch.Generator | None = None, eos_id: int | None = None) -> Generation:
-    """Decode up to ``max_new_tokens`` per row, one verifier token per forward pass."""
+                generator: torch.Generator | None = None, eos_id: int | None = None,
+                inference_mode: bool = True) -> Generation:
+    """Decode up to ``max_new_tokens`` per row, one verifier token per forward pass.
+
+    ``inference_mode=False`` decodes under ``no_grad`` instead: for a model that training will use next
+    under FSDP2, whose parameter gathers must not be made of inference tensors."""
     idx, pad_mask, slots = prepare_prompts(model, prompts, pad_mask, max_new_tokens, verifier)
     B, device = idx.shape[0], idx.device
-    with torch.inference_mode(), fastpath.decoding():
+    with (torch.inference_mode() if inference_mode else torch.no_grad()), fastpath.decoding():
         sync(device)
         t0 = time.perf_counter()
         cache, _, _, _, tok = prefill(model, idx, pad_mask, slots, verifier, sampling, generator)  # tok (B,)

@@ -70,9 +70,19 @@ class CPModel(nn.Module):
         own = getattr(self.trunk, "lm_logits", None)
         return own(z) if own is not None else skinny_linear(z, self.unembedding)
 
-    def forward(self, idx: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """idx (B, T) -> z (B, T, D) and the n per-offset head states (B, T, D)."""
-        z = self.trunk(idx)
+    def forward(self, idx: torch.Tensor, frozen_trunk: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """idx (B, T) -> z (B, T, D) and the n per-offset head states (B, T, D).
+
+        ``frozen_trunk`` (draft tuning): the trunk runs without autograd and z comes back as a leaf that
+        requires grad. Going through this ``forward`` (not ``trunk`` directly) is what gathers the root's
+        weights under FSDP2, and an output that requires grad is what makes FSDP2 reduce the heads'
+        gradients after the backward."""
+        if not frozen_trunk:
+            z = self.trunk(idx)
+            return z, self.heads.offset_states(z)
+        with torch.no_grad():
+            z = self.trunk(idx)
+        z = z.detach().requires_grad_(torch.is_grad_enabled())
         return z, self.heads.offset_states(z)
 
     # ---- decoding -------------------------------------------------------------------------------
@@ -118,4 +128,12 @@ class CPModel(nn.Module):
             return self.lm_logits(z).float().log_softmax(-1), None
         logw = self.router_logw(z)  # (..., r)
         lp1 = self.factor_logprobs(states, range(1))[..., 0, :, :]  # (..., r, V)
-        return torch.logsumexp(logw[..., None] + lp1, dim=-2), lp1  # (..., V), (..., r, V)
+        joint = logw[..., None] + lp1  # (..., r, V)
+        if self.rank > 4:
+            return torch.logsumexp(joint, dim=-2), lp1  # (..., V), (..., r, V)
+        # the same sum over a few experts as a chain of elementwise logaddexp: a reduction over the
+        # short, strided expert axis costs 2-4x more on the CPU, and decoding does this every step
+        out = joint[..., 0, :]
+        for a in range(1, self.rank):
+            out = torch.logaddexp(out, joint[..., a, :])
+        return out, lp1

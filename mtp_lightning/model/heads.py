@@ -34,20 +34,22 @@ class CPHeads(nn.Module):
         self.n, self.r, self.d, self.kind = n, r, D, heads.kind
         self.router = nn.Linear(D, r, bias=False)
         nn.init.normal_(self.router.weight, std=heads.router_init_std)
-        if heads.kind == "linear":
-            # (n, r, D, D): starts at the identity plus noise, so every factor begins as a next-token
-            # predictor and the experts differ from the first step
-            eye = torch.eye(D).expand(n, r, D, D)
-            self.weight = nn.Parameter(eye + 0.02 * torch.randn(n, r, D, D))
-        elif heads.kind == "mlp":
-            self.weight = nn.Parameter(0.02 * torch.randn(n, r, D, D))  # (n, r, D_out, D_in)
-        elif heads.kind == "block":
+        if heads.kind not in ("linear", "mlp", "block"):
+            raise ValueError(f"unknown head kind {heads.kind!r}")
+        if heads.kind == "block":
             self.blocks = nn.ModuleList([Block(trunk, first_cache_layer + s) for s in range(n)])
             self.norms = nn.ModuleList([nn.LayerNorm(D, bias=trunk.bias) for _ in range(n)])
-            eye = torch.eye(D).expand(n, r, D, D)
-            self.weight = nn.Parameter(eye + 0.02 * torch.randn(n, r, D, D))  # (n, r, D_out, D_in)
+        if heads.kind == "mlp":
+            w = 0.02 * torch.randn(n, r, D, D)  # (n, r, D_out, D_in)
         else:
-            raise ValueError(f"unknown head kind {heads.kind!r}")
+            # linear and block: start at the identity plus noise, so every factor begins as a next-token
+            # predictor and the experts differ from the first step
+            w = torch.eye(D).expand(n, r, D, D) + 0.02 * torch.randn(n, r, D, D)
+        # offset 1 and the draft offsets 2..n are separate parameters: offset 1 (with the router) is the
+        # model's next-token distribution, which draft tuning must leave untouched
+        self.next_weight = nn.Parameter(w[0].clone())  # (r, D_out, D_in)
+        self.register_parameter("draft_weight", nn.Parameter(w[1:].clone()) if n > 1 else None)  # (n-1, r, D, D)
+        self.register_load_state_dict_pre_hook(_split_stacked_weight)
 
     @property
     def n_cache_layers(self) -> int:
@@ -64,15 +66,43 @@ class CPHeads(nn.Module):
             return [z] * self.n
         return [norm(block(z, cache)) for block, norm in zip(self.blocks, self.norms)]
 
+    def factor_weight(self, s: int) -> tuple[torch.Tensor, int | None]:
+        """The parameter holding offset index s's factor maps, and its index in it (None: all of it)."""
+        return (self.next_weight, None) if s == 0 else (self.draft_weight, s - 1)
+
+    def draft_parameters(self) -> list[nn.Parameter]:
+        """What draft tuning trains: the maps of offsets 2..n (and their transformer layers for
+        ``block`` heads). The router and offset 1's maps, which make the verifier, are not among them."""
+        params = [] if self.draft_weight is None else [self.draft_weight]
+        if self.kind == "block":
+            for block, norm in list(zip(self.blocks, self.norms))[1:]:
+                params += list(block.parameters()) + list(norm.parameters())
+        return params
+
     def expert_vectors(self, u: torch.Tensor, s: int, experts: slice | None = None) -> torch.Tensor:
         """h_{s,a} for offset index s (0-based) from its state u (..., D) -> (..., r, D)."""
+        param, index = self.factor_weight(s)
         if experts is None and fastpath.applies(u):  # decoding: a few rows through a transposed copy
-            h = (u @ fastpath.transposed(self.weight, s)).unflatten(-1, (self.r, self.d))  # (..., r, D)
+            h = (u @ fastpath.transposed(param, index)).unflatten(-1, (self.r, self.d))  # (..., r, D)
         else:
-            W = self.weight[s]  # (r, D_out, D_in)
+            W = param if index is None else param[index]  # (r, D_out, D_in)
             if experts is not None:
                 W = W[experts]
             h = torch.einsum("rod,...d->...ro", W, u)  # (..., r, D)
         if self.kind == "mlp":
             return u.unsqueeze(-2) + F.silu(h)
         return h
+
+
+def split_stacked_weight(state_dict: dict, prefix: str) -> None:
+    """Checkpoints written before offset 1 got its own parameter stored all factor maps as one
+    ``<prefix>weight`` (n, r, D, D): split it in place, so they still load."""
+    stacked = state_dict.pop(prefix + "weight", None)
+    if stacked is not None:
+        state_dict[prefix + "next_weight"] = stacked[0]
+        if stacked.shape[0] > 1:
+            state_dict[prefix + "draft_weight"] = stacked[1:]
+
+
+def _split_stacked_weight(module, state_dict, prefix, *args) -> None:
+    split_stacked_weight(state_dict, prefix)

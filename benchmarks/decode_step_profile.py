@@ -1,0 +1,52 @@
+"""Where a decoding step's time goes: wall time of each model call, per step, for AR and speculative
+greedy decoding of one 128-token generation (after two warm-up runs).
+
+    python benchmarks/decode_step_profile.py runs/default/checkpoints/last.ckpt
+
+Timers wrap the calls, so the parts add up to a little more than the step time they report.
+"""
+
+import collections
+import sys
+import time
+
+import torch
+
+from mtp_lightning.checkpoint_io import load_for_inference
+from mtp_lightning.decoding import autoregressive as ar
+from mtp_lightning.decoding import speculative as sp
+
+
+def main(path: str) -> None:
+    model, _, _ = load_for_inference(path)
+    prompt = [torch.randint(0, model.unembedding.shape[0], (64,), generator=torch.Generator().manual_seed(0)).tolist()]
+    total, calls = collections.defaultdict(float), collections.Counter()
+
+    def timed(owner, name, label):
+        f = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            t = time.perf_counter()
+            out = f(*args, **kwargs)
+            total[label] += time.perf_counter() - t
+            calls[label] += 1
+            return out
+        setattr(owner, name, wrapper)
+
+    timed(model, "extend", "trunk pass (extend)")
+    timed(model, "verifier_and_factors", "verifier")
+    timed(sp, "draft", "draft")
+    timed(sp, "verify", "accept/reject")
+    for mode in ("ar", "spec"):
+        for _ in range(3):  # two warm-ups, then the measured run
+            total.clear()
+            calls.clear()
+            g = ar.generate_ar(model, prompt, 128) if mode == "ar" else sp.generate_speculative(model, prompt, 128)
+        print(f"{mode}: {g.steps} steps, {(g.seconds - g.prefill_seconds) / g.steps * 1e3:.2f} ms per step, "
+              f"{torch.get_num_threads()} threads")
+        for label, seconds in total.items():
+            print(f"  {label:22s} {seconds / g.steps * 1e3:6.3f} ms per step ({calls[label]} calls)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

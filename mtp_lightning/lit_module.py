@@ -167,10 +167,12 @@ class CPLightningModule(L.LightningModule):
         self.print(f"draft tuning: the model continues {dt.sequences} training prompts by "
                        f"{dt.new_tokens} tokens, then trains offsets 2..{self.model.n_future} on them "
                        f"for {dt.steps} steps")
-        step = max(1, dt.sequences // 8)
+        shown = [0]  # eighths of the pool reported so far
 
         def report(done: int) -> None:
-            if done % step < 16 or done == dt.sequences:
+            eighths = 8 * done // dt.sequences
+            if eighths > shown[0]:
+                shown[0] = eighths
                 self.print(f"draft tuning: {done}/{dt.sequences} continuations")
 
         from torch.distributed.fsdp import FSDPModule

@@ -159,14 +159,15 @@ class CPLightningModule(L.LightningModule):
     def _make_draft_pool(self) -> torch.Tensor:
         """Greedy continuations of ``draft_tuning.sequences`` training-split prompts. The verifier is
         frozen from here on, so a resumed run rebuilds the very same pool."""
+        from torch.distributed.fsdp import FSDPModule
+
         from mtp_lightning.draft_tuning import generate_pool
 
         dt = self.cfg.draft_tuning
         prompts = self.trainer.datamodule.val_prompts(dt.sequences, dt.prompt_len, split="train").to(self.device)
         # self.print: rank zero only, and above the progress bar
-        self.print(f"draft tuning: the model continues {dt.sequences} training prompts by "
-                       f"{dt.new_tokens} tokens, then trains offsets 2..{self.model.n_future} on them "
-                       f"for {dt.steps} steps")
+        self.print(f"draft tuning: the model continues {dt.sequences} training prompts by {dt.new_tokens} "
+                   f"tokens, then trains offsets 2..{self.model.n_future} on them for {dt.steps} steps")
         shown = [0]  # eighths of the pool reported so far
 
         def report(done: int) -> None:
@@ -174,8 +175,6 @@ class CPLightningModule(L.LightningModule):
             if eighths > shown[0]:
                 shown[0] = eighths
                 self.print(f"draft tuning: {done}/{dt.sequences} continuations")
-
-        from torch.distributed.fsdp import FSDPModule
 
         sharded = isinstance(self.model, FSDPModule)
         if sharded:

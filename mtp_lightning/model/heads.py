@@ -49,7 +49,6 @@ class CPHeads(nn.Module):
         # model's next-token distribution, which draft tuning must leave untouched
         self.next_weight = nn.Parameter(w[0].clone())  # (r, D_out, D_in)
         self.register_parameter("draft_weight", nn.Parameter(w[1:].clone()) if n > 1 else None)  # (n-1, r, D, D)
-        self.register_load_state_dict_pre_hook(_split_stacked_weight)
 
     @property
     def n_cache_layers(self) -> int:
@@ -96,13 +95,11 @@ class CPHeads(nn.Module):
 
 def split_stacked_weight(state_dict: dict, prefix: str) -> None:
     """Checkpoints written before offset 1 got its own parameter stored all factor maps as one
-    ``<prefix>weight`` (n, r, D, D): split it in place, so they still load."""
+    ``<prefix>weight`` (n, r, D, D): split it in place, so they still load for decoding and evaluation
+    (``checkpoint_io.load_state``). Resuming one is refused there: its optimizer state has the old layout."""
     stacked = state_dict.pop(prefix + "weight", None)
     if stacked is not None:
         state_dict[prefix + "next_weight"] = stacked[0]
         if stacked.shape[0] > 1:
             state_dict[prefix + "draft_weight"] = stacked[1:]
 
-
-def _split_stacked_weight(module, state_dict, prefix, *args) -> None:
-    split_stacked_weight(state_dict, prefix)

@@ -1,0 +1,92 @@
+"""AR against speculative decoding of one checkpoint on saved prompt ids, on any device.
+
+``python -m mtp_lightning bench`` rebuilds its held-out prompts from the corpus. A machine without that
+corpus (the GPU machine: another Python, so another standard library) can still decode exactly the same
+prompts from a file of token ids, written here with ``--save-prompts``:
+
+    python benchmarks/decode_prompts_bench.py CKPT --save-prompts runs/gpu_carry/val_prompts_32x64.pt
+    python benchmarks/decode_prompts_bench.py CKPT --prompts runs/gpu_carry/val_prompts_32x64.pt \\
+        --device cuda --json OUT.json
+
+It prints one table row per setting (prompts, batch size) and writes every ``run_benchmark`` result
+to the JSON. Held-out bits per byte are not computed here: they do not depend on the device
+(``bench`` reports them for the same checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mtp_lightning.checkpoint_io import META_KEY, load_for_inference, safe_load  # noqa: E402
+from mtp_lightning.decoding.bench import run_benchmark  # noqa: E402
+
+
+def save_prompts(ckpt: str, out: str, n: int, length: int) -> None:
+    from mtp_lightning.data import build_datamodule
+    from mtp_lightning.data.tokenizer import Tokenizer
+
+    model, _, cfg = load_for_inference(ckpt)
+    dm = build_datamodule(cfg.data, cfg.tokenizer, model.n_future, cfg.run.seed)
+    dm.set_tokenizer(Tokenizer.from_json(safe_load(ckpt)[META_KEY]["tokenizer"]))
+    dm.prepare_corpus()
+    torch.save(dm.val_prompts(n, length), out)
+    print(f"wrote {n} held-out prompts of {length} tokens to {out}")
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ckpt")
+    p.add_argument("--prompts", help="a .pt file of prompt ids (K, T)")
+    p.add_argument("--save-prompts", help="write the checkpoint's held-out prompts here and stop")
+    p.add_argument("--n-prompts", type=int, default=32)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--settings", default="8x1,32x1,32x8",
+                   help="comma-separated PROMPTSxBATCH settings, each a run_benchmark call")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json")
+    args = p.parse_args()
+    if args.save_prompts:
+        save_prompts(args.ckpt, args.save_prompts, args.n_prompts, args.prompt_len)
+        return 0
+    if not args.prompts:
+        p.error("pass --prompts FILE (or --save-prompts FILE to write one)")
+    model, _, _ = load_for_inference(args.ckpt, device=args.device)
+    prompts = torch.load(args.prompts, weights_only=True).tolist()
+    results = []
+    print(f"device: {device_name(args.device)}; torch {torch.__version__}")
+    print(f"{'prompts':>7} {'batch':>5} {'AR tok/s':>9} {'spec tok/s':>10} {'speedup':>7} {'tau':>5} "
+          f"{'AR ms/step':>10} {'spec ms/step':>12} identical  per position")
+    for setting in args.settings.split(","):
+        n, b = (int(x) for x in setting.split("x"))
+        r = run_benchmark(model, prompts[:n], args.max_new_tokens, batch_size=b, sampled=(b == 1))
+        r["device"] = device_name(args.device)
+        results.append(r)
+        print(f"{n:7d} {b:5d} {r['ar_tokens_per_s']:9.1f} {r['spec_tokens_per_s']:10.1f} {r['speedup']:7.2f} "
+              f"{r['mean_acceptance_length']:5.2f} {r['ar_ms_per_step']:10.2f} {r['spec_ms_per_step']:12.2f} "
+              f"{str(r['identical']):>9}  {' '.join(f'{x:.3f}' for x in r['per_position'])}", flush=True)
+    if args.json:
+        tmp = f"{args.json}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=2)
+        os.replace(tmp, args.json)
+    return 0 if all(r["identical"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -173,10 +173,13 @@ class ProgressBar(TQDMProgressBar):
     def get_metrics(self, trainer, pl_module):
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
+        if getattr(pl_module, "draft_tuning", False):
+            return metrics  # the monitor does not count draft-tuning steps
         monitor = next((c for c in trainer.callbacks if isinstance(c, ThroughputMonitor)), None)
         throughput = getattr(monitor, "_throughputs", {}).get(trainer.state.stage)
-        tps = throughput.compute().get("device/items_per_sec") if throughput is not None else None
-        if tps is not None and not getattr(pl_module, "draft_tuning", False):
+        # empty until the monitor has seen a batch (a run resumed straight into draft tuning never does)
+        tps = throughput.compute().get("device/items_per_sec") if throughput and throughput._time else None
+        if tps is not None:
             metrics["tok/s"] = f"{float(tps):.0f}"
         return metrics
 

@@ -235,6 +235,11 @@ class DraftTuningConfig:
     """Continuations per optimizer step (per rank)."""
     lr: float = 1e-3
     """Constant learning rate of the draft maps during draft tuning."""
+    temperature: float = 0.0
+    """How the pool is decoded: 0 greedily (drafts tuned for greedy decoding), > 0 by sampling at this
+    temperature from the verifier (drafts tuned for sampled decoding at about that temperature). The
+    draws come from a generator seeded with ``run.seed``, so every rank and a resumed run get the same
+    pool."""
 
 
 @dataclass
@@ -451,6 +456,9 @@ def validate(cfg: Config) -> None:
             positive(f"draft_tuning.{key}", getattr(dt, key))
         if dt.lr <= 0:
             errors.append(f"draft_tuning.lr={dt.lr} must be > 0")
+        if dt.temperature < 0:
+            errors.append(f"draft_tuning.temperature={dt.temperature} must be >= 0 (0 decodes the pool "
+                          f"greedily)")
         if h.n_future < 2:
             errors.append("draft_tuning.steps > 0 trains the draft offsets 2..n, but model.heads.n_future=1 "
                           "has none; set draft_tuning.steps=0")

@@ -1,11 +1,13 @@
-"""Draft tuning: self-distillation of the draft offsets on the model's own greedy text.
+"""Draft tuning: self-distillation of the draft offsets on the model's own text.
 
 Greedy self-speculative decoding accepts a draft token when it equals the verifier's own argmax
 (METHOD.md §3), so what the draft offsets 2..n should predict is the model's own continuation, not
 the corpus. Medusa-2 trains its heads on self-generated text for the same reason. Here:
 
-1. ``generate_pool``: the model greedily continues prompts from the training split, with the verifier
-   it decodes with, in eval mode;
+1. ``generate_pool``: the model continues prompts from the training split, with the verifier it
+   decodes with, in eval mode: greedily (``draft_tuning.temperature=0``, for greedy decoding), or by
+   sampling (for sampled decoding, whose drafts are kept with probability min(1, p/q): there the best
+   draft distribution q is the model's own p, and maximum likelihood on samples of p fits it);
 2. ``draft_objective``: the negative log-likelihood of each continuation's tokens at offsets 2..n given
    its first token, under the CP mixture with the router and the offset-1 factors held fixed:
 
@@ -28,19 +30,23 @@ import torch
 from mtp_lightning.config import LossConfig
 from mtp_lightning.cp_loss import factor_logprobs
 from mtp_lightning.decoding.autoregressive import generate_ar
+from mtp_lightning.decoding.sampling import GREEDY, Sampling
 
 
 def generate_pool(model, prompts: torch.Tensor, new_tokens: int, verifier: str, batch_size: int = 16,
-                  on_batch=None, inference_mode: bool = True) -> torch.Tensor:
-    """Greedy continuations (S, P + new_tokens) of prompts (S, P), in batches; the model's mode is
-    restored afterwards. Fixed lengths (no end-of-text stop), so every rank runs the same passes."""
+                  on_batch=None, inference_mode: bool = True, sampling: Sampling = GREEDY,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Continuations (S, P + new_tokens) of prompts (S, P), in batches: greedy, or drawn with
+    ``sampling`` from ``generator``. The model's mode is restored afterwards. Fixed lengths (no
+    end-of-text stop), so every rank runs the same passes."""
     was_training = model.training
     model.eval()
     rows = []
     try:
         for i in range(0, prompts.shape[0], batch_size):
             chunk = prompts[i:i + batch_size]
-            g = generate_ar(model, chunk, new_tokens, verifier=verifier, inference_mode=inference_mode)
+            g = generate_ar(model, chunk, new_tokens, verifier=verifier, inference_mode=inference_mode,
+                            sampling=sampling, generator=generator)
             rows.append(torch.cat([chunk.cpu(), torch.tensor(g.tokens, dtype=torch.long)], 1))
             if on_batch is not None:
                 on_batch(min(i + batch_size, prompts.shape[0]))

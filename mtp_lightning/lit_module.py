@@ -157,17 +157,20 @@ class CPLightningModule(L.LightningModule):
         return loss
 
     def _make_draft_pool(self) -> torch.Tensor:
-        """Greedy continuations of ``draft_tuning.sequences`` training-split prompts. The verifier is
-        frozen from here on, so a resumed run rebuilds the very same pool."""
+        """Continuations of ``draft_tuning.sequences`` training-split prompts, greedy or sampled at
+        ``draft_tuning.temperature``. The verifier is frozen from here on and the draws are seeded, so
+        a resumed run rebuilds the very same pool."""
         from torch.distributed.fsdp import FSDPModule
 
+        from mtp_lightning.decoding.sampling import Sampling
         from mtp_lightning.draft_tuning import generate_pool
 
         dt = self.cfg.draft_tuning
         prompts = self.trainer.datamodule.val_prompts(dt.sequences, dt.prompt_len, split="train").to(self.device)
         # self.print: rank zero only, and above the progress bar
+        how = f"samples at temperature {dt.temperature:g}" if dt.temperature > 0 else "greedily"
         self.print(f"draft tuning: the model continues {dt.sequences} training prompts by {dt.new_tokens} "
-                   f"tokens, then trains offsets 2..{self.model.n_future} on them for {dt.steps} steps")
+                   f"tokens ({how}), then trains offsets 2..{self.model.n_future} on them for {dt.steps} steps")
         shown = [0]  # eighths of the pool reported so far
 
         def report(done: int) -> None:
@@ -185,8 +188,11 @@ class CPLightningModule(L.LightningModule):
                 self.model(prompts[:1, :2])
             self.model.unshard()
         try:
+            # the same seed on every rank: the ranks' pools must be one pool, sliced by pool_batch
+            generator = torch.Generator(device=self.device).manual_seed(self.cfg.run.seed)
             return generate_pool(self.model, prompts, dt.new_tokens, self.cfg.spec.verifier, on_batch=report,
-                                 inference_mode=not sharded)
+                                 inference_mode=not sharded, sampling=Sampling(temperature=dt.temperature),
+                                 generator=generator)
         finally:
             if sharded:
                 self.model.reshard()

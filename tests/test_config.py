@@ -45,6 +45,7 @@ def test_keys_other_tools_rely_on():
      "draft_tuning.prompt_len=64 + draft_tuning.new_tokens=200 exceeds model.gpt.max_seq_len=256"),
     (["draft_tuning.steps=5", "model.heads.n_future=1"], "model.heads.n_future=1 has none"),
     (["draft_tuning.steps=5", "draft_tuning.lr=0"], "draft_tuning.lr=0.0 must be > 0"),
+    (["draft_tuning.steps=5", "draft_tuning.temperature=-1"], "draft_tuning.temperature=-1.0 must be >= 0"),
 ])
 def test_errors_name_the_key_and_value(overrides, message):
     with pytest.raises(UserError) as e:

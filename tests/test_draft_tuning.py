@@ -17,6 +17,7 @@ from mtp_lightning.checkpoint_io import load_for_inference, safe_load
 from mtp_lightning.cli import main
 from mtp_lightning.decoding.autoregressive import generate_ar
 from mtp_lightning.decoding.metrics import SpecAcceptance
+from mtp_lightning.decoding.sampling import Sampling
 from mtp_lightning.decoding.speculative import generate_speculative
 from mtp_lightning.draft_tuning import draft_objective, generate_pool, pool_batch
 from tests.test_cp_loss import tiny_model
@@ -152,3 +153,41 @@ def test_generate_pool_is_greedy_text_of_the_model():
     assert pool.shape == (2, 8) and torch.equal(pool[:, :3], prompts)
     model.eval()
     assert pool[:, 3:].tolist() == generate_ar(model, prompts, 5).tokens
+
+
+def test_sampled_pool_is_the_seeded_sampled_text_of_the_model():
+    model, _ = tiny_model(n=3, r=2, V=6)
+    model.eval()
+    prompts = torch.tensor([[1, 2, 3], [4, 0, 5]])
+    hot = Sampling(temperature=1.0)
+
+    def pool(seed):
+        return generate_pool(model, prompts, 6, "marginal", sampling=hot,
+                             generator=torch.Generator().manual_seed(seed))
+
+    first = pool(7)
+    assert torch.equal(first, pool(7))  # the seed alone fixes it: every rank and a resume agree
+    assert torch.equal(first[:, :3], prompts)
+    expected = generate_ar(model, prompts, 6, sampling=hot, generator=torch.Generator().manual_seed(7)).tokens
+    assert first[:, 3:].tolist() == expected
+    greedy = generate_pool(model, prompts, 6, "marginal")
+    assert not torch.equal(first, greedy) and not torch.equal(first, pool(8))
+
+
+def test_resume_at_the_boundary_into_sampled_draft_tuning(draft_run, tmp_path):
+    # a checkpoint at trainer.max_steps resumed straight into draft tuning, with the progress bar on (its
+    # tokens/s once read a throughput monitor that had seen no batch) and a sampled pool
+    ckpt_dir = tmp_path / "dt_hot" / "checkpoints"
+    ckpt_dir.mkdir(parents=True)
+    start = ckpt_dir / "step20.ckpt"
+    start.write_bytes((draft_run / "checkpoints" / "best-step0000020.ckpt").read_bytes())
+    args = ["fit", "--resume", str(start), *FAST, "trainer.progress_bar=true", "draft_tuning.steps=12"]
+    assert main([*args, "draft_tuning.temperature=1.0"]) == 0
+    before, hot = safe_load(start), safe_load(ckpt_dir / "last.ckpt")
+    greedy = safe_load(draft_run / "checkpoints" / "last.ckpt")
+    assert hot["global_step"] == 32
+    changed = sorted(k for k, v in before["state_dict"].items() if not torch.equal(v, hot["state_dict"][k]))
+    assert changed == ["model.heads.draft_weight"]
+    # another pool, so other draft maps than the greedy run's
+    assert not torch.equal(hot["state_dict"]["model.heads.draft_weight"],
+                           greedy["state_dict"]["model.heads.draft_weight"])

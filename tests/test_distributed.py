@@ -236,9 +236,11 @@ def val_losses(run: Path) -> tuple[list[tuple[int, float]], list[str]]:
 
 
 STEPS = ["trainer.val_check_interval=2", "checkpoint.every_n_steps=2", "trainer.log_every_n_steps=1"]
-# the last 2 of 6 steps are draft tuning: 8 continuations, all of them in each global batch
+# the last 2 of 6 steps are draft tuning: 8 continuations, all of them in each global batch. They are
+# sampled (greedy text would be the same on every rank anyway): each rank draws its own pool from the
+# seed, and only one pool on all ranks gives the single process's weights
 DRAFT = ["draft_tuning.steps=2", "draft_tuning.sequences=8", "draft_tuning.prompt_len=8",
-         "draft_tuning.new_tokens=8"]
+         "draft_tuning.new_tokens=8", "draft_tuning.temperature=1.0"]
 
 
 @pytest.fixture(scope="module")

@@ -178,7 +178,7 @@ class ProgressBar(TQDMProgressBar):
         monitor = next((c for c in trainer.callbacks if isinstance(c, ThroughputMonitor)), None)
         throughput = getattr(monitor, "_throughputs", {}).get(trainer.state.stage)
         # empty until the monitor has seen a batch (a run resumed straight into draft tuning never does)
-        tps = throughput.compute().get("device/items_per_sec") if throughput and throughput._time else None
+        tps = throughput.compute().get("device/items_per_sec") if throughput is not None and throughput._time else None
         if tps is not None:
             metrics["tok/s"] = f"{float(tps):.0f}"
         return metrics

@@ -26,18 +26,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mtp_lightning.checkpoint_io import META_KEY, load_for_inference, safe_load  # noqa: E402
+from mtp_lightning.checkpoint_io import load_for_inference  # noqa: E402
 from mtp_lightning.decoding.bench import run_benchmark  # noqa: E402
 
 
 def save_prompts(ckpt: str, out: str, n: int, length: int) -> None:
-    from mtp_lightning.data import build_datamodule
-    from mtp_lightning.data.tokenizer import Tokenizer
+    from mtp_lightning.data import checkpoint_datamodule
 
-    model, _, cfg = load_for_inference(ckpt)
-    dm = build_datamodule(cfg.data, cfg.tokenizer, model.n_future, cfg.run.seed)
-    dm.set_tokenizer(Tokenizer.from_json(safe_load(ckpt)[META_KEY]["tokenizer"]))
-    dm.prepare_corpus()
+    model, tok, cfg = load_for_inference(ckpt)
+    dm = checkpoint_datamodule(cfg.data, cfg.tokenizer, model.n_future, cfg.run.seed, tok)
     torch.save(dm.val_prompts(n, length), out)
     print(f"wrote {n} held-out prompts of {length} tokens to {out}")
 

@@ -131,9 +131,7 @@ def _load_prompts(args, dm, tok, model) -> list[list[int]]:
 
 
 def bench(args) -> int:
-    from mtp_lightning.checkpoint_io import safe_load, META_KEY
-    from mtp_lightning.data import build_datamodule
-    from mtp_lightning.data.tokenizer import Tokenizer
+    from mtp_lightning.data import checkpoint_datamodule
     from mtp_lightning.decoding.bench import format_table, plot_per_position, run_benchmark
 
     model, tok, cfg = load_for_inference(args.ckpt)
@@ -143,9 +141,7 @@ def bench(args) -> int:
     if args.prompt_len + args.max_new_tokens + model.n_future > model.max_seq_len:
         raise UserError(f"--prompt-len {args.prompt_len} + --max-new-tokens {args.max_new_tokens} exceeds this "
                         f"model's context of {model.max_seq_len} tokens; lower one of them")
-    dm = build_datamodule(cfg.data, cfg.tokenizer, model.n_future, cfg.run.seed)
-    dm.set_tokenizer(Tokenizer.from_json(safe_load(args.ckpt)[META_KEY]["tokenizer"]))
-    dm.prepare_corpus()
+    dm = checkpoint_datamodule(cfg.data, cfg.tokenizer, model.n_future, cfg.run.seed, tok)
     prompts = _load_prompts(args, dm, tok, model)
     t0 = time.perf_counter()
     result = run_benchmark(model, prompts, args.max_new_tokens, batch_size=args.batch_size,

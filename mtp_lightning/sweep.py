@@ -288,14 +288,12 @@ def newest_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
 
 def measure(run_dir: Path, m: MeasureConfig) -> dict:
     from mtp_lightning.checkpoint_io import load_for_inference
-    from mtp_lightning.data import build_datamodule
+    from mtp_lightning.data import checkpoint_datamodule
     from mtp_lightning.decoding.bench import run_benchmark
 
     ckpt, step = newest_checkpoint(run_dir)
     model, tok, cfg = load_for_inference(ckpt)
-    dm = build_datamodule(cfg.data, cfg.tokenizer, model.n_future, cfg.run.seed)
-    dm.set_tokenizer(tok)
-    dm.prepare_corpus()
+    dm = checkpoint_datamodule(cfg.data, cfg.tokenizer, model.n_future, cfg.run.seed, tok)
     out: dict[str, Any] = {"step": step, "checkpoint": ckpt.name,
                            "params": sum(p.numel() for p in model.parameters()),
                            "corpus": {"kind": cfg.data.kind, "source": dm.source}}
@@ -303,9 +301,7 @@ def measure(run_dir: Path, m: MeasureConfig) -> dict:
     if m.other_corpus and cfg.data.kind in OTHER_CORPUS:
         kind, source = OTHER_CORPUS[cfg.data.kind]
         data = dataclasses.replace(cfg.data, kind=kind, source=source, max_bytes=m.other_max_bytes)
-        other = build_datamodule(data, cfg.tokenizer, model.n_future, cfg.run.seed)
-        other.set_tokenizer(tok)
-        other.prepare_corpus()
+        other = checkpoint_datamodule(data, cfg.tokenizer, model.n_future, cfg.run.seed, tok)
         h = heldout_metrics(model, other, m.val_batches)
         out["other_corpus"] = {"kind": kind, "source": source, "bits_per_byte": h["bits_per_byte"],
                                "next_token_nll": h["next_token_nll"]}

@@ -11,7 +11,7 @@ from mtp_lightning.data.splits import SPLITS, split_documents
 from mtp_lightning.data.tokenizer import EOT, Tokenizer
 
 _LIGHTNING_NAMES = ("CodeDataModule", "CorpusDataModule", "TextDataModule", "WindowDataset",
-                    "build_datamodule")
+                    "build_datamodule", "checkpoint_datamodule")
 
 __all__ = [
     "EMBEDDED", "EOT", "SPLITS", "Corpus", "Document", "ResumableBatchSampler", "Tokenizer",

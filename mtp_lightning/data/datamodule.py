@@ -304,3 +304,13 @@ def build_datamodule(data_cfg: DataConfig, tok_cfg: TokenizerConfig, n_future: i
     if data_cfg.kind not in DATAMODULES:
         raise UserError(f"data.kind={data_cfg.kind!r} is not one of {', '.join(DATAMODULES)}")
     return DATAMODULES[data_cfg.kind](data_cfg, tok_cfg, n_future, seed)
+
+
+def checkpoint_datamodule(data_cfg: DataConfig, tok_cfg: TokenizerConfig, n_future: int, seed: int,
+                          tokenizer: Tokenizer) -> CorpusDataModule:
+    """A run's DataModule rebuilt around the tokenizer its checkpoint carries (so the splits are tokenised
+    as in training), with its corpus prepared: what evaluation and decoding read prompts from."""
+    dm = build_datamodule(data_cfg, tok_cfg, n_future, seed)
+    dm.set_tokenizer(tokenizer)
+    dm.prepare_corpus()
+    return dm

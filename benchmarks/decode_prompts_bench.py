@@ -5,6 +5,7 @@ corpus (the GPU machine: another Python, so another standard library) can still 
 prompts from a file of token ids, written here with ``--save-prompts``:
 
     python benchmarks/decode_prompts_bench.py CKPT --save-prompts runs/gpu_carry/val_prompts_32x64.pt
+    python benchmarks/decode_prompts_bench.py CKPT --save-weights runs/gpu_carry/weights.ckpt  # to carry
     python benchmarks/decode_prompts_bench.py CKPT --prompts runs/gpu_carry/val_prompts_32x64.pt \\
         --device cuda --json OUT.json
 
@@ -26,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mtp_lightning.checkpoint_io import load_for_inference  # noqa: E402
+from mtp_lightning.checkpoint_io import META_KEY, load_for_inference, safe_load  # noqa: E402
 from mtp_lightning.decoding.bench import run_benchmark  # noqa: E402
 
 
@@ -37,6 +38,17 @@ def save_prompts(ckpt: str, out: str, n: int, length: int) -> None:
     dm = checkpoint_datamodule(cfg.data, cfg.tokenizer, model.n_future, cfg.run.seed, tok)
     torch.save(dm.val_prompts(n, length), out)
     print(f"wrote {n} held-out prompts of {length} tokens to {out}")
+
+
+def save_weights(ckpt: str, out: str) -> None:
+    """The checkpoint without its optimizer and trainer state: a third of the size, and it decodes alike."""
+    full = safe_load(ckpt)
+    slim = {META_KEY: full[META_KEY],
+            "state_dict": {k: v for k, v in full["state_dict"].items() if k.startswith("model.")}}
+    tmp = f"{out}.tmp"
+    torch.save(slim, tmp)
+    os.replace(tmp, out)
+    print(f"wrote the model weights of {ckpt} to {out}")
 
 
 def device_name(device: str) -> str:
@@ -50,6 +62,7 @@ def main() -> int:
     p.add_argument("ckpt")
     p.add_argument("--prompts", help="a .pt file of prompt ids (K, T)")
     p.add_argument("--save-prompts", help="write the checkpoint's held-out prompts here and stop")
+    p.add_argument("--save-weights", help="write the checkpoint's model weights (no optimizer state) here and stop")
     p.add_argument("--n-prompts", type=int, default=32)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -58,6 +71,9 @@ def main() -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json")
     args = p.parse_args()
+    if args.save_weights:
+        save_weights(args.ckpt, args.save_weights)
+        return 0
     if args.save_prompts:
         save_prompts(args.ckpt, args.save_prompts, args.n_prompts, args.prompt_len)
         return 0

@@ -56,14 +56,15 @@ class StaticKVCache(KVCache):
 
 
 def static_cache(model, prompt: torch.Tensor, slots: int) -> StaticKVCache:
+    """The cache ``model.new_cache(1, slots)`` would build (same layers and shapes), as a StaticKVCache."""
     t = model.trunk
-    cache = StaticKVCache(t.cfg.n_layer + model.heads.n_cache_layers, 1, t.cfg.n_head, slots,
-                          t.cfg.d_model // t.cfg.n_head, prompt.device, torch.float32)
-    return cache
+    return StaticKVCache(t.cfg.n_layer + model.heads.n_cache_layers, 1, t.cfg.n_head, slots,
+                         t.cfg.d_model // t.cfg.n_head, prompt.device, t.wte.weight.dtype)
 
 
 def compiled_decoders(model, max_slots: int, k: int):
-    """(ar(prompt, N) -> tokens, seconds, steps), (spec(prompt, N) -> tokens, seconds, steps, accepted)."""
+    """Compiled greedy decoders, each ``(prompt (1, T), N) -> (tokens, seconds with the prefill, seconds
+    of the steps, steps)``, like the eager wrappers in ``main``."""
     state = {}
     rows = torch.arange(1)
 

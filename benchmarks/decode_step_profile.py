@@ -19,7 +19,7 @@ from mtp_lightning.decoding import speculative as sp
 
 def main(path: str) -> None:
     model, _, _ = load_for_inference(path)
-    prompt = [torch.randint(0, model.unembedding.shape[0], (64,), generator=torch.Generator().manual_seed(0)).tolist()]
+    prompt = torch.load(sys.argv[2])[:1] if len(sys.argv) > 2 else [torch.randint(0, model.unembedding.shape[0], (64,), generator=torch.Generator().manual_seed(0)).tolist()]
     total, calls = collections.defaultdict(float), collections.Counter()
 
     def timed(owner, name, label):

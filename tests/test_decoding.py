@@ -17,6 +17,7 @@ from mtp_lightning.decoding import (Sampling, SpecAcceptance, format_table, gene
                                     plot_per_position, run_benchmark, teacher_forced_acceptance)
 from mtp_lightning.decoding import speculative
 from mtp_lightning.decoding.sampling import residual_logprobs, sample, warp_logprobs
+from mtp_lightning.model import fastpath
 from mtp_lightning.model.cp_model import CPModel
 from mtp_lightning.model.gpt import KVCache
 
@@ -107,16 +108,18 @@ class StubModel(nn.Module):
     def router_logw(self, z):
         return self.log_w.expand(*z.shape[:-1], self.rank)
 
-    def factor_logprobs(self, states, offsets):
+    def factor_logprobs(self, states, offsets, probs=False):
         x = states[0].argmax(-1)  # (...)
         per = [torch.stack([self._peaked(table[s](x)) for table in self.tables], -2) for s in offsets]
-        return torch.stack(per, -3)  # (..., k, r, V)
+        lp = torch.stack(per, -3)  # (..., k, r, V)
+        return lp.exp() if probs else lp
 
     def verifier_logprobs(self, z, states, verifier):
         return self._peaked((z.argmax(-1) + 1) % self.V)
 
-    def verifier_and_factors(self, z, states, verifier):
-        return self.verifier_logprobs(z, states, verifier), None
+    def verifier_and_factors(self, z, states, verifier, probs=False):
+        lp = self.verifier_logprobs(z, states, verifier)
+        return (lp.exp() if probs else lp), None
 
 
 def chain(offset_shift):
@@ -431,3 +434,22 @@ def test_callback_logs_acceptance_in_a_real_trainer(tmp_path, monkeypatch):
     assert 1.0 <= float(metrics["spec/mean_acceptance_length"]) <= 4.0
     assert ckpt.best_model_score is not None
     assert list(tmp_path.glob("lightning_logs/version_0/events.out.tfevents.*"))
+
+
+def test_probability_space_verifier_and_draft_vectors_match_the_log_space_ones():
+    """Greedy decoding's verifier in probability space is exp of the log-space one (same argmax), and
+    the draft's stacked-offset product equals one product per offset."""
+    model = tiny_model()
+    model.eval()
+    idx = torch.randint(0, model.unembedding.shape[0], (2, 5), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode(), fastpath.decoding():
+        z, states = model(idx)
+        lp, lf = model.verifier_and_factors(z, states, "marginal")
+        p, pf = model.verifier_and_factors(z, states, "marginal", probs=True)
+        torch.testing.assert_close(p, lp.exp(), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(pf, lf.exp(), rtol=1e-5, atol=1e-7)
+        assert torch.equal(p.argmax(-1), lp.argmax(-1))
+        zt = [s[:, -1] for s in states]  # one position per row, as a draft sees it
+        stacked = model.factor_logprobs(zt, range(1, model.n_future))
+        one_by_one = torch.cat([model.factor_logprobs(zt, range(s, s + 1)) for s in range(1, model.n_future)], 1)
+        torch.testing.assert_close(stacked, one_by_one, rtol=1e-5, atol=1e-5)

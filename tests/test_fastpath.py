@@ -17,10 +17,10 @@ def test_skinny_linear_matches_linear_and_is_scoped():
         with fastpath.decoding():
             assert fastpath.applies(x) and not fastpath.applies(torch.randn(fastpath.MAX_ROWS + 1, 32))
             torch.testing.assert_close(layer(x), want, rtol=1e-6, atol=1e-6)
-            assert len(fastpath._transposed) == 1
+            assert len(fastpath._copies) == 1
             layer.weight.mul_(2)  # an in-place change bumps the version: the copy is rebuilt
             torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-6, atol=1e-6)
-        assert len(fastpath._transposed) == 0
+        assert len(fastpath._copies) == 0
     with fastpath.decoding():  # autograd on: the plain path, gradients flow
         assert not fastpath.applies(x)
         layer(x).sum().backward()
@@ -33,3 +33,19 @@ def test_stacked_weight_slice():
     with torch.no_grad(), fastpath.decoding():
         got = (u @ fastpath.transposed(w, 2)).unflatten(-1, (2, 8))
     torch.testing.assert_close(got, torch.einsum("rod,bd->bro", w[2], u), rtol=1e-6, atol=1e-6)
+
+
+def test_several_rows_go_through_the_reordered_copy():
+    """2..MAX_ROWS rows use oneDNN's reordered weight (where torch has oneDNN), one row the transposed
+    copy; both equal F.linear, for a plain and a stacked weight slice."""
+    torch.manual_seed(1)
+    w, b = torch.randn(40, 24), torch.randn(40)
+    stacked = torch.randn(3, 2, 8, 24)  # (k, r, D_out, D_in)
+    with torch.no_grad(), fastpath.decoding():
+        for rows in (1, 4, fastpath.MAX_ROWS):
+            x = torch.randn(rows, 24)
+            torch.testing.assert_close(fastpath.project(x, w, bias=b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+            got = fastpath.project(x, stacked, slice(1, 3))  # offsets 1..2 at once
+            torch.testing.assert_close(got, x @ stacked[1:3].reshape(-1, 24).t(), rtol=1e-5, atol=1e-5)
+        kinds = {kind for _, _, copies in fastpath._copies.values() for kind, _ in copies}
+    assert kinds == ({"t", "dnn"} if fastpath._ONEDNN else {"t"})

@@ -93,7 +93,8 @@ def last_position(z: torch.Tensor, states: list[torch.Tensor]) -> tuple[torch.Te
 
 
 def choose(logp: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token from log-probs (B, V) -> (B,): argmax, or a draw from the warped distribution."""
+    """Next token from log-probs (B, V) -> (B,): argmax, or a draw from the warped distribution.
+    Greedy decoding passes probabilities (``verifier_and_factors(probs=True)``); the argmax is the same."""
     if sampling.greedy:
         return logp.argmax(-1)
     return sample(warp_logprobs(logp, sampling), generator)
@@ -103,11 +104,12 @@ def prefill(model, idx: torch.Tensor, pad_mask: torch.Tensor | None, slots: int,
             sampling: Sampling, generator: torch.Generator | None):
     """Both decoders' first pass: a new cache of ``slots`` filled with the prompts idx (B, T), and the
     verifier's first token. Returns the cache, z (B, D) and the head states at the last position, the
-    verifier's offset-1 factors there (``marginal``; None for ``lm_head``) and the token (B,)."""
+    verifier's offset-1 factors there (``marginal``; None for ``lm_head``; probabilities when greedy,
+    log-probs when sampling) and the token (B,)."""
     cache = model.new_cache(idx.shape[0], slots)
     z, states = model.extend(idx, cache, pad_mask)  # (B, T, D)
     zt, st = last_position(z, states)
-    logp, lp1 = model.verifier_and_factors(zt, st, verifier)  # (B, V), (B, r, V) or None
+    logp, lp1 = model.verifier_and_factors(zt, st, verifier, probs=sampling.greedy)  # (B, V), (B, r, V) or None
     return cache, zt, st, lp1, choose(logp, sampling, generator)
 
 
@@ -136,7 +138,8 @@ def generate_ar(model, prompts, max_new_tokens: int, *, pad_mask: torch.Tensor |
                 break
             z, states = model.extend(tok[:, None], cache)  # (B, 1, D)
             zt, st = last_position(z, states)
-            tok = choose(model.verifier_logprobs(zt, st, verifier), sampling, generator)
+            scores, _ = model.verifier_and_factors(zt, st, verifier, probs=sampling.greedy)  # (B, V)
+            tok = choose(scores, sampling, generator)
             out.append(tok)
             steps += 1
             if done is not None:

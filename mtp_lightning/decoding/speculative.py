@@ -74,32 +74,39 @@ def draft(model, zt: torch.Tensor, st: list[torch.Tensor], lp1: torch.Tensor | N
     """ks draft tokens (B, ks) after c (B,), and their (warped) draft log-probs (B, ks, V) when sampling.
 
     ``lp1`` (B, r, V) are the offset-1 factors at this position when the verifier already built them
-    (the ``marginal`` verifier); then only offsets 2..ks+1 are computed here."""
+    (the ``marginal`` verifier): probabilities when greedy, log-probs when sampling, as
+    ``verifier_and_factors`` gives them. Then only offsets 2..ks+1 are computed here."""
     B = c.shape[0]
     if ks == 0:
         return c.new_empty(B, 0), None
+    greedy = sampling.greedy
+    # greedy drafting needs only argmaxes: the factors stay probabilities (one softmax); sampling
+    # warps log-probs
     if lp1 is None:
-        lf = model.factor_logprobs(st, range(ks + 1))  # (B, ks+1, r, V): offsets 1..ks+1, one position
+        lf = model.factor_logprobs(st, range(ks + 1), probs=greedy)  # (B, ks+1, r, V): offsets 1..ks+1
         lp1, lf = lf[:, 0], lf[:, 1:]
     else:
-        lf = model.factor_logprobs(st, range(1, ks + 1))  # (B, ks, r, V): offsets 2..ks+1
+        lf = model.factor_logprobs(st, range(1, ks + 1), probs=greedy)  # (B, ks, r, V): offsets 2..ks+1
     r = lf.shape[-2]
 
-    def pick(lp_s: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:  # (B, r, V), (B,) -> (B, r)
-        return lp_s.gather(-1, tok.view(B, 1, 1).expand(B, r, 1)).squeeze(-1)
+    def pick(lp_s: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:  # (B, r, V), (B,) -> (B, r) log-probs
+        got = lp_s.gather(-1, tok.view(B, 1, 1).expand(B, r, 1)).squeeze(-1)
+        # greedy: a probability that underflowed to 0 for every expert (possible only when the
+        # lm_head verifier's token is far from all heads) must not turn the posterior into NaN
+        return got.clamp_min(torch.finfo(got.dtype).tiny).log() if greedy else got
 
     logpi = model.router_logw(zt) + pick(lp1, c)  # (B, r), unnormalised posterior after c
-    # the mixture is summed in probability space: one exp for all offsets, then a (1, r) @ (r, V)
-    # product per draft, instead of a logsumexp over experts per draft
-    probs = lf.exp() if r > 1 else None  # (B, ks, r, V)
+    # the mixture is summed in probability space: a (1, r) @ (r, V) product per draft, instead of a
+    # logsumexp over experts per draft
+    probs = lf if greedy else (lf.exp() if r > 1 else None)  # (B, ks, r, V)
     tokens, logqs = [], []
     for s in range(1, ks + 1):
         if r == 1:  # one expert: no posterior, q_s is the factor itself
             logq = lf[:, s - 1, 0]  # (B, V)
         else:
             q = (logpi.softmax(-1)[:, None, :] @ probs[:, s - 1]).squeeze(1)  # (B, V)
-            logq = q if sampling.greedy else q.log()  # greedy only needs the argmax
-        if sampling.greedy:
+            logq = q if greedy else q.log()  # greedy only needs the argmax
+        if greedy:
             d = logq.argmax(-1)  # (B,)
         else:
             logq = warp_logprobs(logq, sampling)
@@ -206,7 +213,7 @@ def generate_speculative(model, prompts, max_new_tokens: int, *, pad_mask: torch
             drafts, logq = draft(model, zt, st, lp1, c, ks, sampling, generator)  # (B, ks)
             fed = torch.cat([c[:, None], drafts], 1)  # (B, ks+1)
             z, states = model.extend(fed, cache, feed_mask)  # (B, ks+1, D)
-            logp, lp1 = model.verifier_and_factors(z, states, verifier)  # (B, ks+1, V), (B, ks+1, r, V)
+            logp, lp1 = model.verifier_and_factors(z, states, verifier, probs=sampling.greedy)  # (B, ks+1, V), (B, ks+1, r, V)
             m, c = verify(logp, drafts, logq, allow, sampling, generator)  # (B,), (B,)
             # keep c's slot and the m accepted drafts' slots; the verifier token c is fed next step
             kept = cache.lengths - ks + m  # (B,)

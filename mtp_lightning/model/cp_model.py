@@ -102,13 +102,19 @@ class CPModel(nn.Module):
         """(..., D) -> (..., r) log router weights, in float32."""
         return self.heads.router_logits(z).float().log_softmax(-1)
 
-    def factor_logprobs(self, states: list[torch.Tensor], offsets: range) -> torch.Tensor:
+    def factor_logprobs(self, states: list[torch.Tensor], offsets: range, probs: bool = False) -> torch.Tensor:
         """log P_a^(s)(.) for the offsets asked, at the positions the states hold.
 
-        states n x (..., D) -> (..., len(offsets), r, V) float32 log-probabilities. One matmul.
+        states n x (..., D) -> (..., len(offsets), r, V) float32 log-probabilities (``probs``: the
+        probabilities P_a^(s) themselves, one softmax instead of a log-softmax and an exp). One matmul.
         """
-        h = torch.stack([self.heads.expert_vectors(states[s], s) for s in offsets], dim=-3)  # (..., k, r, D)
-        return skinny_linear(h, self.unembedding).float().log_softmax(-1)  # (..., k, r, V)
+        first, count = offsets.start, len(offsets)
+        if first >= 1 and count > 1 and self.heads.kind != "block":  # draft offsets of one shared state
+            h = self.heads.draft_vectors(states[first], first, count)  # (..., k, r, D)
+        else:
+            h = torch.stack([self.heads.expert_vectors(states[s], s) for s in offsets], dim=-3)  # (..., k, r, D)
+        logits = skinny_linear(h, self.unembedding).float()  # (..., k, r, V)
+        return logits.softmax(-1) if probs else logits.log_softmax(-1)
 
     def verifier_logprobs(self, z: torch.Tensor, states: list[torch.Tensor], verifier: str) -> torch.Tensor:
         """The next-token distribution p(. | context) as log-probs (..., V).
@@ -119,21 +125,34 @@ class CPModel(nn.Module):
         """
         return self.verifier_and_factors(z, states, verifier)[0]
 
-    def verifier_and_factors(self, z: torch.Tensor, states: list[torch.Tensor], verifier: str
-                             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def verifier_and_factors(self, z: torch.Tensor, states: list[torch.Tensor], verifier: str,
+                             probs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``verifier_logprobs`` (..., V) and, for ``marginal``, the offset-1 factors log P_a^(1)
         (..., r, V) it is built from (None for ``lm_head``). Speculative decoding reuses them as the
-        first factor of its next draft instead of recomputing them."""
+        first factor of its next draft instead of recomputing them.
+
+        ``probs`` (greedy decoding, which needs only an argmax): both as probabilities instead, for
+        ``marginal``; the mixture is then a weighted sum, with no log-softmax or logaddexp over the
+        vocabulary. ``lm_head`` gives its log-probs either way. Both decoders use the same setting, so
+        their greedy tokens come from the same arithmetic."""
         if verifier == "lm_head":
             return self.lm_logits(z).float().log_softmax(-1), None
         logw = self.router_logw(z)  # (..., r)
-        lp1 = self.factor_logprobs(states, range(1))[..., 0, :, :]  # (..., r, V)
-        joint = logw[..., None] + lp1  # (..., r, V)
+        f1 = self.factor_logprobs(states, range(1), probs)[..., 0, :, :]  # (..., r, V)
+        if probs:
+            w = logw.exp()
+            # elementwise over a few experts: a reduction over the short, strided expert axis costs
+            # more on the CPU, and the result does not depend on how many positions are batched
+            out = f1[..., 0, :] * w[..., :1]
+            for a in range(1, self.rank):
+                out = out + f1[..., a, :] * w[..., a:a + 1]
+            return out, f1
+        joint = logw[..., None] + f1  # (..., r, V)
         if self.rank > 4:
-            return torch.logsumexp(joint, dim=-2), lp1  # (..., V), (..., r, V)
+            return torch.logsumexp(joint, dim=-2), f1  # (..., V), (..., r, V)
         # the same sum over a few experts as a chain of elementwise logaddexp: a reduction over the
         # short, strided expert axis costs 2-4x more on the CPU, and decoding does this every step
         out = joint[..., 0, :]
         for a in range(1, self.rank):
             out = torch.logaddexp(out, joint[..., a, :])
-        return out, lp1
+        return out, f1

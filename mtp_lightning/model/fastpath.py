@@ -1,11 +1,18 @@
 """Decoding-time matrix products with few rows, on the CPU.
 
 Decoding multiplies 1 to ~16 rows (one token, or a draft of k+1 tokens, per sequence) by every weight
-matrix. For such skinny products torch's CPU ``F.linear(x, W)`` (W stored (out, in)) is 1.3-3x slower
-than ``x @ Wt`` with a contiguous (in, out) copy of W: measured on the 2-core AMD EPYC (AVX2) of
-docs/benchmarks.md, 4 rows x 1024 -> 256 took 238 us against 80 us, and 4 x 256 -> 4096 (the
-unembedding) 429 us against 331 us. ``skinny_linear`` uses such a transposed copy when it applies
-(CPU, no autograd, at most ``MAX_ROWS`` rows) and ``F.linear`` otherwise, so training is untouched.
+matrix. torch's CPU ``F.linear(x, W)`` is slow for such skinny products, for two reasons measured on the
+2-core AMD EPYC (AVX2) of docs/benchmarks.md ("Few-row products"):
+- one row: ``x @ Wt`` with a contiguous (in, out) copy of W takes MKL's matrix-vector path, 1.3-3x
+  faster than ``F.linear``;
+- several rows: every call repacks the whole weight into MKL's blocked layout, so 4 rows cost 2-4x one
+  row although they read the same weight. oneDNN's linear over a weight reordered once into its own
+  blocked layout (``torch.ops.mkldnn._reorder_linear_weight``, the same pair of ops inductor's
+  ``freezing`` uses on the CPU) skips that: 4 x 256 -> 4096 took 376 us against 907 us.
+
+So ``project`` sends one row through a transposed copy and 2..``MAX_ROWS`` rows through a oneDNN
+reordered copy (where this torch build has oneDNN), and falls back to ``F.linear`` outside decoding
+(CPU, no autograd, at most ``MAX_ROWS`` rows), so training is untouched.
 
 The copies live only inside ``with decoding():`` (the decoders open it around a whole generation, during
 which no weight changes) and are dropped when it closes, so a training step or an FSDP re-gather can
@@ -23,14 +30,15 @@ import torch.nn.functional as F
 from torch.utils.weak import WeakTensorKeyDictionary
 
 MAX_ROWS = 16
-_transposed = WeakTensorKeyDictionary()  # weight -> (version, data_ptr, {index: transposed copy})
+_copies = WeakTensorKeyDictionary()  # weight -> (version, data_ptr, {(kind, index): copy})
 _depth = 0  # open ``decoding()`` blocks
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 @contextmanager
 def decoding():
-    """Enable the few-row path for the block; the transposed copies are freed when the outermost
-    block closes."""
+    """Enable the few-row path for the block; the weight copies are freed when the outermost block
+    closes."""
     global _depth
     _depth += 1
     try:
@@ -38,24 +46,36 @@ def decoding():
     finally:
         _depth -= 1
         if _depth == 0:
-            _transposed.clear()
+            _copies.clear()
 
 
-def transposed(weight: torch.Tensor, index: int | None = None) -> torch.Tensor:
-    """A contiguous (in, out) copy of ``weight`` (out, in), or of ``weight[index]`` flattened to
-    (in, rest) for a stacked weight (k, ..., in); cached until the weight changes."""
+def _weight_rows(weight: torch.Tensor, index) -> torch.Tensor:
+    """``weight`` (out, in), or ``weight[index]`` (a stacked weight (k, ..., in) indexed by an int or a
+    slice) flattened to (rest, in)."""
+    w = weight.detach() if index is None else weight.detach()[index]
+    return w.reshape(-1, w.shape[-1])
+
+
+def _copy(weight: torch.Tensor, index, kind: str) -> torch.Tensor:
     key = (weight._version, weight.data_ptr())
-    hit = _transposed.get(weight)
+    hit = _copies.get(weight)
     if hit is None or hit[:2] != key:
         hit = (*key, {})
-        _transposed[weight] = hit
-    wt = hit[2].get(index)
-    if wt is None:
+        _copies[weight] = hit
+    slot = (kind, (index.start, index.stop, index.step) if isinstance(index, slice) else index)
+    c = hit[2].get(slot)
+    if c is None:
         with torch.no_grad():
-            w = weight.detach() if index is None else weight.detach()[index]
-            wt = w.reshape(-1, w.shape[-1]).t().contiguous()
-        hit[2][index] = wt
-    return wt
+            w = _weight_rows(weight, index)
+            c = w.t().contiguous() if kind == "t" else torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None)
+        hit[2][slot] = c
+    return c
+
+
+def transposed(weight: torch.Tensor, index=None) -> torch.Tensor:
+    """A contiguous (in, out) copy of ``weight`` (out, in), or of ``weight[index]`` flattened to
+    (in, rest) for a stacked weight (k, ..., in); cached until the weight changes."""
+    return _copy(weight, index, "t")
 
 
 def applies(x: torch.Tensor) -> bool:
@@ -64,12 +84,20 @@ def applies(x: torch.Tensor) -> bool:
             and x.shape[-1] > 0 and x.numel() // x.shape[-1] <= MAX_ROWS)
 
 
-def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``, through the cached transposed weight for few-row inference."""
+def project(x: torch.Tensor, weight: torch.Tensor, index=None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., in) times ``weight`` (out, in) transposed, or ``weight[index]`` flattened to (rest, in):
+    (..., out). The few-row paths inside ``decoding()``, ``F.linear`` otherwise."""
     if not applies(x) or x.dtype != weight.dtype:
-        return F.linear(x, weight, bias)
-    y = x @ transposed(weight)
+        return F.linear(x, _weight_rows(weight, index) if index is not None else weight, bias)
+    if _ONEDNN and x.numel() > x.shape[-1]:  # several rows
+        return torch.ops.mkldnn._linear_pointwise(x, _copy(weight, index, "dnn"), bias, "none", [], "")
+    y = x @ transposed(weight, index)
     return y if bias is None else y + bias
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, through the cached weight copies for few-row inference."""
+    return project(x, weight, None, bias)
 
 
 class Linear(nn.Linear):

@@ -81,8 +81,8 @@ class CPHeads(nn.Module):
     def expert_vectors(self, u: torch.Tensor, s: int, experts: slice | None = None) -> torch.Tensor:
         """h_{s,a} for offset index s (0-based) from its state u (..., D) -> (..., r, D)."""
         param, index = self.factor_weight(s)
-        if experts is None and fastpath.applies(u):  # decoding: a few rows through a transposed copy
-            h = (u @ fastpath.transposed(param, index)).unflatten(-1, (self.r, self.d))  # (..., r, D)
+        if experts is None and fastpath.applies(u):  # decoding: a few rows through a cached weight copy
+            h = fastpath.project(u, param, index).unflatten(-1, (self.r, self.d))  # (..., r, D)
         else:
             W = param if index is None else param[index]  # (r, D_out, D_in)
             if experts is not None:
@@ -90,6 +90,20 @@ class CPHeads(nn.Module):
             h = torch.einsum("rod,...d->...ro", W, u)  # (..., r, D)
         if self.kind == "mlp":
             return u.unsqueeze(-2) + F.silu(h)
+        return h
+
+    def draft_vectors(self, u: torch.Tensor, first: int, count: int) -> torch.Tensor:
+        """h_{s,a} for ``count`` consecutive draft offset indices from ``first`` >= 1, all from one state
+        u (..., D) (``linear``/``mlp`` heads, whose offsets share the trunk's z) -> (..., count, r, D).
+        Decoding's draft step: one product with the offsets' maps stacked, instead of one per offset."""
+        assert self.kind != "block" and first >= 1 and first - 1 + count <= self.n - 1
+        index = slice(first - 1, first - 1 + count)
+        if fastpath.applies(u):
+            h = fastpath.project(u, self.draft_weight, index).unflatten(-1, (count, self.r, self.d))
+        else:
+            h = torch.einsum("krod,...d->...kro", self.draft_weight[index], u)
+        if self.kind == "mlp":
+            return u[..., None, None, :] + F.silu(h)
         return h
 
 

@@ -1,32 +1,60 @@
-"""Time x @ Wt for the decoding products' shapes and a few row counts (Wt a contiguous (in, out) fp32
-copy): the cost of verifying several tokens against one on this CPU.
+"""Time the decoding products' shapes for a few row counts, three ways, with the weights cold (a
+rotation over enough copies to overflow the caches, as in a decoding step that reads ~20 MB of weights)
+and hot (one copy, reused):
+
+- ``x @ Wt``: Wt a contiguous (in, out) fp32 copy (MKL; one row takes its matrix-vector path);
+- ``F.linear``: W as stored, (out, in);
+- ``oneDNN``: ``torch.ops.mkldnn._linear_pointwise`` over a weight reordered once with
+  ``torch.ops.mkldnn._reorder_linear_weight`` (what ``model/fastpath.py`` uses for 2-16 rows).
 
     python benchmarks/skinny_matmul.py [threads]
+
+Prints the median microseconds per call.
 """
 
 import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 
-def mean_us(f, reps: int = 200) -> float:
+def median_us(f, reps: int = 200) -> float:
     for _ in range(10):
         f()
-    t = time.perf_counter()
+    times = []
     for _ in range(reps):
+        t = time.perf_counter()
         f()
-    return (time.perf_counter() - t) / reps * 1e6
+        times.append(time.perf_counter() - t)
+    return sorted(times)[reps // 2] * 1e6
 
 
 def main(threads: int) -> None:
     torch.set_num_threads(threads)
-    rows = [1, 2, 4, 8, 16]
-    print(f"{threads} threads; microseconds per call for rows = {rows}")
-    for d_in, d_out in [(256, 768), (256, 256), (256, 1024), (1024, 256), (256, 4096)]:
-        wt = torch.randn(d_out, d_in).t().contiguous()
-        times = [mean_us(lambda x=torch.randn(m, d_in): x @ wt) for m in rows]
-        print(f"{d_in:5d} -> {d_out:5d}: " + "  ".join(f"{t:7.1f}" for t in times))
+    rows = [1, 4, 16]
+    print(f"{threads} threads; median microseconds per call")
+    print(f"| in -> out | weights | {' | '.join(f'{m} rows: x @ Wt / F.linear / oneDNN' for m in rows)} |")
+    print(f"| --- | --- | {' | '.join('---' for _ in rows)} |")
+    with torch.inference_mode():
+        for d_in, d_out in [(256, 768), (1024, 256), (256, 4096)]:
+            for temp in ("cold", "hot"):
+                copies = max(1, int(48e6 / (d_in * d_out * 4))) if temp == "cold" else 1
+                ws = [torch.randn(d_out, d_in) for _ in range(copies)]
+                wts = [w.t().contiguous() for w in ws]
+                dnn = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in ws]
+                cells = []
+                for m in rows:
+                    x = torch.randn(m, d_in)
+                    i = [0]
+
+                    def nxt() -> int:
+                        i[0] = (i[0] + 1) % copies
+                        return i[0]
+                    t = [median_us(lambda: x @ wts[nxt()]), median_us(lambda: F.linear(x, ws[nxt()])),
+                         median_us(lambda: torch.ops.mkldnn._linear_pointwise(x, dnn[nxt()], None, "none", [], ""))]
+                    cells.append(" / ".join(f"{v:.0f}" for v in t))
+                print(f"| {d_in} -> {d_out} | {temp} | {' | '.join(cells)} |")
 
 
 if __name__ == "__main__":

@@ -3,16 +3,18 @@
 Decoding multiplies 1 to ~16 rows (one token, or a draft of k+1 tokens, per sequence) by every weight
 matrix. torch's CPU ``F.linear(x, W)`` is slow for such skinny products, for two reasons measured on the
 2-core AMD EPYC (AVX2) of docs/benchmarks.md ("Few-row products"):
-- one row: ``x @ Wt`` with a contiguous (in, out) copy of W takes MKL's matrix-vector path, 1.3-3x
-  faster than ``F.linear``;
+- one row: ``x @ Wt`` with a contiguous (in, out) copy of W takes MKL's matrix-vector path, up to 2x
+  faster than ``F.linear`` when the output is at least as wide as the input (256 -> 4096: 190-240
+  against 450-480 us with the weights out of cache); into a narrower output ``F.linear`` wins;
 - several rows: every call repacks the whole weight into MKL's blocked layout, so 4 rows cost 2-4x one
   row although they read the same weight. oneDNN's linear over a weight reordered once into its own
   blocked layout (``torch.ops.mkldnn._reorder_linear_weight``, the same pair of ops inductor's
   ``freezing`` uses on the CPU) skips that: 4 x 256 -> 4096 took 376 us against 907 us.
 
-So ``project`` sends one row through a transposed copy and 2..``MAX_ROWS`` rows through a oneDNN
-reordered copy (where this torch build has oneDNN), and falls back to ``F.linear`` outside decoding
-(CPU, no autograd, at most ``MAX_ROWS`` rows), so training is untouched.
+So ``project`` sends one row through a transposed copy (or ``F.linear`` into a narrower output) and
+2..``MAX_ROWS`` rows through a oneDNN reordered copy (where this torch build has oneDNN), and falls back
+to ``F.linear`` outside decoding (CPU, no autograd, at most ``MAX_ROWS`` rows), so training is
+untouched. ``python benchmarks/skinny_matmul.py`` prints the three ways side by side.
 
 The copies live only inside ``with decoding():`` (the decoders open it around a whole generation, during
 which no weight changes) and are dropped when it closes, so a training step or an FSDP re-gather can
@@ -91,6 +93,10 @@ def project(x: torch.Tensor, weight: torch.Tensor, index=None, bias: torch.Tenso
         return F.linear(x, _weight_rows(weight, index) if index is not None else weight, bias)
     if _ONEDNN and x.numel() > x.shape[-1]:  # several rows
         return torch.ops.mkldnn._linear_pointwise(x, _copy(weight, index, "dnn"), bias, "none", [], "")
+    if weight.dim() == 2 and weight.shape[1] > weight.shape[0]:
+        # one row into a narrower output (the MLP's 1024 -> 256): the dot-product form over W's own
+        # rows beats the transposed copy with the weights out of cache (80-88 against 122-124 us)
+        return F.linear(x, weight, bias)
     y = x @ transposed(weight, index)
     return y if bias is None else y + bias
 

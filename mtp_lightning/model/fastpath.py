@@ -1,6 +1,6 @@
 """Decoding-time matrix products with few rows, on the CPU.
 
-Decoding multiplies 1 to ~16 rows (one token, or a draft of k+1 tokens, per sequence) by every weight
+Decoding multiplies a few rows (one token, or a draft of k+1 tokens, per sequence) by every weight
 matrix. torch's CPU ``F.linear(x, W)`` is slow for such skinny products, for two reasons measured on the
 2-core AMD EPYC (AVX2) of docs/benchmarks.md ("Few-row products"):
 - one row: ``x @ Wt`` with a contiguous (in, out) copy of W takes MKL's matrix-vector path, up to 2x
@@ -9,7 +9,7 @@ matrix. torch's CPU ``F.linear(x, W)`` is slow for such skinny products, for two
 - several rows: every call repacks the whole weight into MKL's blocked layout, so 4 rows cost 2-4x one
   row although they read the same weight. oneDNN's linear over a weight reordered once into its own
   blocked layout (``torch.ops.mkldnn._reorder_linear_weight``, the same pair of ops inductor's
-  ``freezing`` uses on the CPU) skips that: 4 x 256 -> 4096 took 376 us against 907 us.
+  ``freezing`` uses on the CPU) skips that: 4 x 256 -> 4096 took 271-285 us against 938-997 us.
 
 So ``project`` sends one row through a transposed copy (or ``F.linear`` into a narrower output) and
 2..``MAX_ROWS`` rows through a oneDNN reordered copy (where this torch build has oneDNN), and falls back
@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.weak import WeakTensorKeyDictionary
 
-MAX_ROWS = 16
+MAX_ROWS = 256  # a batch of 8 rows verifying 4 positions with 4 experts has 128
 _copies = WeakTensorKeyDictionary()  # weight -> (version, data_ptr, {(kind, index): copy})
 _depth = 0  # open ``decoding()`` blocks
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")

@@ -1,9 +1,12 @@
 """Where a decoding step's time goes: wall time of each model call, per step, for AR and speculative
 greedy decoding of one 128-token generation (after two warm-up runs).
 
-    python benchmarks/decode_step_profile.py runs/default/checkpoints/last.ckpt
+    python benchmarks/decode_step_profile.py runs/default/checkpoints/last.ckpt [PROMPTS.pt]
 
-Timers wrap the calls, so the parts add up to a little more than the step time they report.
+Timers wrap the calls, so the parts add up to a little more than the step time they report. The line
+in brackets, every weight product (``fastpath.project``: trunk, heads and unembedding), is a part of the
+calls above it, not a further one. A second argument, a .pt file of prompt ids (K, T), decodes its
+first prompt instead of a random one.
 """
 
 import collections
@@ -15,6 +18,7 @@ import torch
 from mtp_lightning.checkpoint_io import load_for_inference
 from mtp_lightning.decoding import autoregressive as ar
 from mtp_lightning.decoding import speculative as sp
+from mtp_lightning.model import fastpath
 
 
 def main(path: str) -> None:
@@ -37,6 +41,7 @@ def main(path: str) -> None:
     timed(model, "verifier_and_factors", "verifier")
     timed(sp, "draft", "draft")
     timed(sp, "verify", "accept/reject")
+    timed(fastpath, "project", "(all weight products)")  # inside the calls above
     for mode in ("ar", "spec"):
         for _ in range(3):  # two warm-ups, then the measured run
             total.clear()

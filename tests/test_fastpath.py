@@ -49,3 +49,12 @@ def test_several_rows_go_through_the_reordered_copy():
             torch.testing.assert_close(got, x @ stacked[1:3].reshape(-1, 24).t(), rtol=1e-5, atol=1e-5)
         kinds = {kind for _, _, copies in fastpath._copies.values() for kind, _ in copies}
     assert kinds == ({"t", "dnn"} if fastpath._ONEDNN else {"t"})
+
+
+def test_project_outside_decoding_keeps_autograd_for_a_stacked_slice():
+    stacked = torch.randn(3, 2, 8, 24, requires_grad=True)
+    x = torch.randn(2, 24)
+    y = fastpath.project(x, stacked, slice(0, 2))  # not inside decoding(): the plain F.linear
+    torch.testing.assert_close(y, x @ stacked[0:2].reshape(-1, 24).t())
+    y.sum().backward()
+    assert stacked.grad is not None and stacked.grad[2].abs().sum() == 0 and stacked.grad[:2].abs().sum() > 0

@@ -90,7 +90,8 @@ def project(x: torch.Tensor, weight: torch.Tensor, index=None, bias: torch.Tenso
     """x (..., in) times ``weight`` (out, in) transposed, or ``weight[index]`` flattened to (rest, in):
     (..., out). The few-row paths inside ``decoding()``, ``F.linear`` otherwise."""
     if not applies(x) or x.dtype != weight.dtype:
-        return F.linear(x, _weight_rows(weight, index) if index is not None else weight, bias)
+        w = weight if index is None else weight[index]  # autograd may be on: no detach here
+        return F.linear(x, w.reshape(-1, w.shape[-1]), bias)
     if _ONEDNN and x.numel() > x.shape[-1]:  # several rows
         return torch.ops.mkldnn._linear_pointwise(x, _copy(weight, index, "dnn"), bias, "none", [], "")
     if weight.dim() == 2 and weight.shape[1] > weight.shape[0]:

@@ -21,9 +21,12 @@ from mtp_lightning.decoding import speculative as sp
 from mtp_lightning.model import fastpath
 
 
-def main(path: str) -> None:
+def main(path: str, prompts: str | None = None) -> None:
     model, _, _ = load_for_inference(path)
-    prompt = torch.load(sys.argv[2])[:1] if len(sys.argv) > 2 else [torch.randint(0, model.unembedding.shape[0], (64,), generator=torch.Generator().manual_seed(0)).tolist()]
+    if prompts is not None:
+        prompt = torch.load(prompts)[:1]  # (1, T)
+    else:
+        prompt = [torch.randint(0, model.unembedding.shape[0], (64,), generator=torch.Generator().manual_seed(0)).tolist()]
     total, calls = collections.defaultdict(float), collections.Counter()
 
     def timed(owner, name, label):
@@ -54,4 +57,4 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)

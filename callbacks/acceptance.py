@@ -36,14 +36,15 @@ from mtp_lightning.decoding.teacher_forced import teacher_forced_acceptance
 
 class SpecAcceptanceCallback(pl.Callback):
     def __init__(self, every_n_val: int = 1, n_prompts: int = 4, prompt_len: int = 64, max_new_tokens: int = 64,
-                 draft_len: int = 0, sampled: bool = False, verifier: str = "marginal", seed: int = 0):
+                 draft_len: int = 0, sampled: bool = False, verifier: str = "marginal", seed: int = 0,
+                 draft_precision: str = "auto"):
         if every_n_val < 0 or n_prompts < 1 or prompt_len < 1 or max_new_tokens < 1:
             raise ValueError(f"SpecAcceptanceCallback needs every_n_val >= 0 and n_prompts, prompt_len, "
                              f"max_new_tokens >= 1; got {every_n_val}, {n_prompts}, {prompt_len}, "
                              f"{max_new_tokens}")
         self.every_n_val, self.n_prompts, self.prompt_len = every_n_val, n_prompts, prompt_len
         self.max_new_tokens, self.draft_len, self.sampled = max_new_tokens, draft_len, sampled
-        self.verifier, self.seed = verifier, seed
+        self.verifier, self.seed, self.draft_precision = verifier, seed, draft_precision
         self._validations = 0  # real (not sanity) validations seen; saved in checkpoints
         self._windows: torch.Tensor | None = None
         self._warned: set[str] = set()
@@ -52,7 +53,7 @@ class SpecAcceptanceCallback(pl.Callback):
     def from_config(cls, spec: SpecConfig) -> "SpecAcceptanceCallback":
         return cls(every_n_val=spec.every_n_val, n_prompts=spec.n_prompts, prompt_len=spec.prompt_len,
                    max_new_tokens=spec.max_new_tokens, draft_len=spec.draft_len, sampled=spec.sampled,
-                   verifier=spec.verifier)
+                   verifier=spec.verifier, draft_precision=spec.draft_precision)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -139,7 +140,8 @@ class SpecAcceptanceCallback(pl.Callback):
             sampling = Sampling(1.0) if gen is not None else Sampling()
             with torch.inference_mode():
                 result = generate_speculative(model, prompts, self.max_new_tokens, verifier=self.verifier,
-                                              draft_len=k, sampling=sampling, generator=gen, sync_done=sync_done)
+                                              draft_len=k, sampling=sampling, generator=gen, sync_done=sync_done,
+                                              draft_precision=self.draft_precision)
             metric.update(*result.step_counts())
             stats = metric.summary()  # sums across ranks
             out[f"{prefix}acceptance_rate"] = stats["acceptance_rate"]

@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--draft-len", type=int, default=0, help="speculative tokens per step (0: n_future-1)")
+    p.add_argument("--draft-precision", choices=("auto", "full", "int8"), default="auto",
+                   help="weights the draft is computed with (auto: int8 on the CPU); the output does not change")
     p.add_argument("--verifier", choices=("marginal", "lm_head"), default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
@@ -61,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--draft-len", type=int, default=0)
+    p.add_argument("--draft-precision", choices=("auto", "full", "int8"), default="auto",
+                   help="weights the draft is computed with (auto: int8 on the CPU); the output does not change")
     p.add_argument("--verifier", choices=("marginal", "lm_head"), default=None)
     p.add_argument("--sampled", action="store_true", help="also measure sampled acceptance")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON here (and a PNG beside it)")

@@ -212,6 +212,9 @@ class SpecConfig:
     """Also measure sampled (temperature 1) speculative decoding."""
     verifier: str = "marginal"
     """``marginal`` (the model's own offset-1 marginal) or ``lm_head``."""
+    draft_precision: str = "auto"
+    """Weights the drafts are computed with: ``int8`` copies (``auto`` on the CPU) or ``full``. The
+    verifier is always full precision, so outputs do not change; acceptance may move a little."""
 
 
 @dataclass
@@ -273,6 +276,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "trainer.accelerator": ("auto", "cpu", "gpu", "cuda"),
     "trainer.on_nonfinite": ("stop", "skip"),
     "spec.verifier": ("marginal", "lm_head"),
+    "spec.draft_precision": ("auto", "full", "int8"),
 }
 
 

@@ -27,6 +27,16 @@ def _verifier(args, cfg) -> str:
     return args.verifier or cfg.spec.verifier
 
 
+def _draft_precision(args) -> str:
+    from mtp_lightning.decoding.speculative import resolve_draft_precision
+
+    try:
+        resolve_draft_precision(args.draft_precision, "cpu")
+    except ValueError as e:
+        raise UserError(f"--draft-precision: {e}") from None
+    return args.draft_precision
+
+
 def generate(args) -> int:
     from mtp_lightning.decoding import Sampling, generate_ar, generate_speculative
     from mtp_lightning.decoding.metrics import SpecAcceptance
@@ -69,7 +79,7 @@ def generate(args) -> int:
     else:
         k = resolve_draft_len(model, args.draft_len)
         out = generate_speculative(model, [ids], max_new, verifier=verifier, draft_len=k, sampling=sampling,
-                                   generator=generator, on_step=stream)
+                                   draft_precision=_draft_precision(args), generator=generator, on_step=stream)
         metric = SpecAcceptance(k)
         metric.update(*out.step_counts())
         m = metric.summary()
@@ -145,7 +155,8 @@ def bench(args) -> int:
     prompts = _load_prompts(args, dm, tok, model)
     t0 = time.perf_counter()
     result = run_benchmark(model, prompts, args.max_new_tokens, batch_size=args.batch_size,
-                           verifier=_verifier(args, cfg), draft_len=args.draft_len, sampled=args.sampled)
+                           verifier=_verifier(args, cfg), draft_len=args.draft_len, sampled=args.sampled,
+                           draft_precision=_draft_precision(args))
     result.update(heldout_bits_per_byte(model, dm))
     result.update({"checkpoint": str(args.ckpt), "threads": torch.get_num_threads(),
                    "wall_s": time.perf_counter() - t0})

@@ -16,6 +16,7 @@ from mtp_lightning.config import GPTConfig, HeadsConfig, ModelConfig
 from mtp_lightning.decoding import (Sampling, SpecAcceptance, format_table, generate_ar, generate_speculative,
                                     plot_per_position, run_benchmark, teacher_forced_acceptance)
 from mtp_lightning.decoding import speculative
+from mtp_lightning.decoding.speculative import resolve_draft_precision
 from mtp_lightning.decoding.sampling import residual_logprobs, sample, warp_logprobs
 from mtp_lightning.model import fastpath
 from mtp_lightning.model.cp_model import CPModel
@@ -51,9 +52,11 @@ def tiny_model(kind: str = "mlp", rank: int = 3, vocab: int = 50, n_future: int 
 
 
 def assert_greedy_parity(model, prompts: list[list[int]], max_new_tokens: int,
-                         verifiers=("marginal", "lm_head"), draft_lens=None) -> tuple[int, int]:
+                         verifiers=("marginal", "lm_head"), draft_lens=None, draft_precision: str = "auto"
+                         ) -> tuple[int, int]:
     """Greedy speculative decoding == greedy AR token for token: per row and as one left-padded batch,
-    for every draft length and verifier. Padded-batch AR must also equal per-row AR. Returns the
+    for every draft length and verifier (drafts in ``draft_precision``; auto is int8 on the CPU).
+    Padded-batch AR must also equal per-row AR. Returns the
     accepted and the drafted tokens summed over all runs, so a caller can check that the run took
     both the accept and the reject paths."""
     draft_lens = draft_lens or range(1, model.n_future)
@@ -64,10 +67,12 @@ def assert_greedy_parity(model, prompts: list[list[int]], max_new_tokens: int,
         assert generate_ar(model, prompts, max_new_tokens, verifier=verifier).tokens == ref, \
             f"padded-batch AR differs from per-row AR ({verifier})"
         for k in draft_lens:
-            batch = generate_speculative(model, prompts, max_new_tokens, verifier=verifier, draft_len=k)
+            batch = generate_speculative(model, prompts, max_new_tokens, verifier=verifier, draft_len=k,
+                                         draft_precision=draft_precision)
             assert batch.tokens == ref, f"batched speculative differs from AR (verifier={verifier}, k={k})"
             for p, r in zip(prompts, ref):
-                one = generate_speculative(model, [p], max_new_tokens, verifier=verifier, draft_len=k)
+                one = generate_speculative(model, [p], max_new_tokens, verifier=verifier, draft_len=k,
+                                           draft_precision=draft_precision)
                 assert one.tokens == [r], f"speculative differs from AR (verifier={verifier}, k={k}, {p})"
             for gen in (batch, one):
                 accepted += sum(map(sum, gen.accepted))
@@ -108,7 +113,7 @@ class StubModel(nn.Module):
     def router_logw(self, z):
         return self.log_w.expand(*z.shape[:-1], self.rank)
 
-    def factor_logprobs(self, states, offsets, probs=False):
+    def factor_logprobs(self, states, offsets, probs=False, int8=False):
         x = states[0].argmax(-1)  # (...)
         per = [torch.stack([self._peaked(table[s](x)) for table in self.tables], -2) for s in offsets]
         lp = torch.stack(per, -3)  # (..., k, r, V)
@@ -214,6 +219,24 @@ def test_greedy_parity_with_ar(kind, rank):
     prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15]]
     accepted, drafted = assert_greedy_parity(model, prompts, 20)
     assert 0 < accepted < drafted  # both the accept and the reject paths ran
+
+
+def test_greedy_parity_with_full_precision_drafts():
+    """The tests above draft through int8 weight copies (``auto`` on the CPU); full-precision drafts
+    give the same tokens too."""
+    accepted, drafted = assert_greedy_parity(tiny_model("mlp", 3), [[1, 2, 3, 4, 5], [7, 8]], 20,
+                                             draft_precision="full")
+    assert 0 < accepted < drafted
+
+
+def test_draft_precision_is_resolved_and_refused_where_unavailable():
+    assert resolve_draft_precision("full", "cpu") is False
+    assert resolve_draft_precision("auto", "cpu") is fastpath.INT8
+    assert resolve_draft_precision("auto", "cuda") is False  # int8 drafts are a CPU path
+    with pytest.raises(ValueError, match="draft_precision=int8 needs the CPU"):
+        resolve_draft_precision("int8", "cuda")
+    with pytest.raises(ValueError, match="is not one of auto, full, int8"):
+        generate_speculative(tiny_model(), [[1]], 4, draft_precision="fp8")
 
 
 def test_ranks_that_finish_early_keep_stepping_until_all_are_done():

@@ -1,6 +1,7 @@
 """The decoding-time few-row products (``model/fastpath.py``): same values as ``F.linear``, used only
 inside ``decoding()``, never stale after a weight changes, freed when the block closes."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -58,3 +59,28 @@ def test_project_outside_decoding_keeps_autograd_for_a_stacked_slice():
     torch.testing.assert_close(y, x @ stacked[0:2].reshape(-1, 24).t())
     y.sum().backward()
     assert stacked.grad is not None and stacked.grad[2].abs().sum() == 0 and stacked.grad[:2].abs().sum() > 0
+
+
+@pytest.mark.skipif(not fastpath.INT8, reason="this torch build has no fbgemm int8 engine")
+def test_int8_copy_is_close_but_not_exact_and_scoped():
+    """``project_int8`` (drafts only): within 3% of F.linear in relative norm, for a plain weight and a
+    stacked slice, yet not equal to it (the int8 copy is really used); one row and many; outside
+    decoding() or with autograd on it is the exact plain product."""
+    torch.manual_seed(2)
+    w = torch.randn(300, 64) * torch.rand(300, 1)  # rows of different scales: one scale per row matters
+    stacked = torch.randn(3, 2, 16, 64)
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    with torch.no_grad(), fastpath.decoding():
+        for rows in (1, 12):
+            x = torch.randn(rows, 64)
+            got, want = fastpath.project_int8(x, w), F.linear(x, w)
+            assert got.shape == want.shape and 0 < rel(got, want) < 0.03
+            got = fastpath.project_int8(x, stacked, slice(1, 3))
+            want = x @ stacked[1:3].reshape(-1, 64).t()
+            assert got.shape == want.shape and 0 < rel(got, want) < 0.03
+        kinds = {kind for _, _, copies in fastpath._copies.values() for kind, _ in copies}
+        assert kinds == {"q8"}
+    assert len(fastpath._copies) == 0
+    x = torch.randn(4, 64)
+    with torch.no_grad():  # outside decoding()
+        torch.testing.assert_close(fastpath.project_int8(x, w), F.linear(x, w), rtol=1e-6, atol=1e-6)

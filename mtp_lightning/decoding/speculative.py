@@ -29,6 +29,12 @@ The model needs: ``n_future``, ``max_seq_len``, ``new_cache``, ``extend``, ``rou
 With the ``marginal`` verifier the offset-1 factors of the accepted position come from the
 verification pass, so a draft computes offsets 2..k+1 only.
 
+``draft_precision`` (``auto``: ``int8`` on the CPU, ``full`` elsewhere): the draft's factor maps and
+unembedding product may run over int8 weight copies (``fastpath.project_int8``), which read a quarter of
+the bytes. Only the proposal changes: every emitted token is still decided by the full-precision
+verifier, so greedy output is the same token for token and sampling keeps the verifier's distribution
+(the min(1, p/q) rule uses the q that was sampled from).
+
 Shape legend: B batch, k draft length, r experts, D width, V vocabulary.
 """
 
@@ -45,6 +51,7 @@ from mtp_lightning.decoding.sampling import (GREEDY, Sampling, acceptance_prob, 
                                              warp_logprobs)
 from mtp_lightning.model import fastpath
 
+DRAFT_PRECISIONS = ("auto", "full", "int8")
 
 @dataclass
 class SpecGeneration(Generation):
@@ -69,77 +76,111 @@ def resolve_draft_len(model, draft_len: int) -> int:
     return k
 
 
+def resolve_draft_precision(precision: str, device: torch.device | str) -> bool:
+    """``draft_precision`` -> whether drafts go through int8 weight copies.
+
+    ``auto``: int8 where it is available (the CPU with fbgemm's kernels), full precision elsewhere;
+    ``full``: never; ``int8``: always, refused where it is not available. Only the draft changes: the
+    verifier stays in full precision, so greedy output is the same token for token and sampled output
+    keeps the verifier's distribution (``fastpath`` explains why)."""
+    if precision not in DRAFT_PRECISIONS:
+        raise ValueError(f"draft_precision={precision!r} is not one of {', '.join(DRAFT_PRECISIONS)}")
+    available = fastpath.INT8 and torch.device(device).type == "cpu"
+    if precision == "int8" and not available:
+        raise ValueError(f"draft_precision=int8 needs the CPU with fbgemm's int8 kernels (quantized engine "
+                         f"{torch.backends.quantized.engine!r}, device {torch.device(device).type}); use auto or full")
+    return precision == "int8" or (precision == "auto" and available)
+
+
 def draft(model, zt: torch.Tensor, st: list[torch.Tensor], lp1: torch.Tensor | None, c: torch.Tensor, ks: int,
-          sampling: Sampling, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+          sampling: Sampling, generator: torch.Generator | None, int8: bool = False, k: int | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """ks draft tokens (B, ks) after c (B,), and their (warped) draft log-probs (B, ks, V) when sampling.
 
     ``lp1`` (B, r, V) are the offset-1 factors at this position when the verifier already built them
     (the ``marginal`` verifier): probabilities when greedy, log-probs when sampling, as
-    ``verifier_and_factors`` gives them. Then only offsets 2..ks+1 are computed here."""
+    ``verifier_and_factors`` gives them. Then only offsets 2..ks+1 are computed here. ``int8``: the
+    factors computed here come from int8 weight copies (``resolve_draft_precision``). ``k`` >= ks: the
+    generation's draft length; its factors are computed and the first ks used."""
     B = c.shape[0]
+    k = ks if k is None else k
     if ks == 0:
         return c.new_empty(B, 0), None
     greedy = sampling.greedy
     # greedy drafting needs only argmaxes: the factors stay probabilities (one softmax); sampling
     # warps log-probs
+    # factors for all k draft offsets even in a last, shorter step: one weight copy per generation
     if lp1 is None:
-        lf = model.factor_logprobs(st, range(ks + 1), probs=greedy)  # (B, ks+1, r, V): offsets 1..ks+1
-        lp1, lf = lf[:, 0], lf[:, 1:]
+        lf = model.factor_logprobs(st, range(k + 1), probs=greedy, int8=int8)  # (B, k+1, r, V): offsets 1..k+1
+        lp1, lf = lf[:, 0], lf[:, 1:ks + 1]
     else:
-        lf = model.factor_logprobs(st, range(1, ks + 1), probs=greedy)  # (B, ks, r, V): offsets 2..ks+1
+        lf = model.factor_logprobs(st, range(1, k + 1), probs=greedy, int8=int8)[:, :ks]  # (B, ks, r, V): offsets 2..ks+1
     r = lf.shape[-2]
+    if greedy:
+        return _greedy_chain(model.router_logw(zt).exp(), lp1, lf, c), None
 
     def pick(lp_s: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:  # (B, r, V), (B,) -> (B, r) log-probs
-        got = lp_s.gather(-1, tok.view(B, 1, 1).expand(B, r, 1)).squeeze(-1)
-        # greedy: a probability that underflowed to 0 for every expert (possible only when the
-        # lm_head verifier's token is far from all heads) must not turn the posterior into NaN
-        return got.clamp_min(torch.finfo(got.dtype).tiny).log() if greedy else got
+        return lp_s.gather(-1, tok.view(B, 1, 1).expand(B, r, 1)).squeeze(-1)
 
     logpi = model.router_logw(zt) + pick(lp1, c)  # (B, r), unnormalised posterior after c
     # the mixture is summed in probability space: a (1, r) @ (r, V) product per draft, instead of a
     # logsumexp over experts per draft
-    probs = lf if greedy else (lf.exp() if r > 1 else None)  # (B, ks, r, V)
+    probs = lf.exp() if r > 1 else None  # (B, ks, r, V)
     tokens, logqs = [], []
     for s in range(1, ks + 1):
         if r == 1:  # one expert: no posterior, q_s is the factor itself
             logq = lf[:, s - 1, 0]  # (B, V)
         else:
-            q = (logpi.softmax(-1)[:, None, :] @ probs[:, s - 1]).squeeze(1)  # (B, V)
-            logq = q if greedy else q.log()  # greedy only needs the argmax
-        if greedy:
-            d = logq.argmax(-1)  # (B,)
-        else:
-            logq = warp_logprobs(logq, sampling)
-            d = sample(logq, generator)
-            logqs.append(logq)
+            logq = (logpi.softmax(-1)[:, None, :] @ probs[:, s - 1]).squeeze(1).log()  # (B, V)
+        logq = warp_logprobs(logq, sampling)
+        d = sample(logq, generator)
+        logqs.append(logq)
         tokens.append(d)
         if r > 1 and s < ks:
             logpi = logpi + pick(lf[:, s - 1], d)
-    return torch.stack(tokens, 1), (torch.stack(logqs, 1) if logqs else None)  # (B, ks), (B, ks, V)
+    return torch.stack(tokens, 1), torch.stack(logqs, 1)  # (B, ks), (B, ks, V)
 
 
-def verify(logp: torch.Tensor, drafts: torch.Tensor, logq: torch.Tensor | None, allow: torch.Tensor | None,
+def _greedy_chain(w: torch.Tensor, p1: torch.Tensor, P: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Greedy drafts (B, ks) from router weights w (B, r), offset-1 factors p1 (B, r, V) and the draft
+    factors P (B, ks, r, V), all probabilities: pi ∝ w P^(1)(c), then d_s = argmax_x sum_a pi_a P_a^(s)(x)
+    and pi ← pi P^(s)(d_s), renormalised (no logs: a few small ops per draft)."""
+    B, ks, r, _ = P.shape
+    tiny = torch.finfo(P.dtype).tiny
+
+    def pick(probs: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:  # (B, r, V), (B,) -> (B, r)
+        # a probability that underflowed to 0 for every expert (possible only when the lm_head
+        # verifier's token is far from all heads) must not zero the posterior
+        return probs.gather(-1, tok.view(B, 1, 1).expand(B, r, 1)).squeeze(-1).clamp_min(tiny)
+
+    pi = w * pick(p1, c)  # (B, r)
+    tokens = []
+    for s in range(ks):
+        d = (pi[:, None, :] @ P[:, s]).squeeze(1).argmax(-1)  # (B,)
+        tokens.append(d)
+        if s < ks - 1:
+            pi = pi * pick(P[:, s], d)
+            pi = pi / pi.sum(-1, keepdim=True)
+    return torch.stack(tokens, 1)
+
+
+def verify(logp: torch.Tensor, drafts: torch.Tensor, logq: torch.Tensor, allow: torch.Tensor | None,
            sampling: Sampling, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Verifier log-probs at the k+1 fed positions (B, k+1, V) -> accepted count m (B,) and the
-    verifier's own token c (B,). ``allow`` (B, k) masks drafts a row may not keep."""
+    """Sampled verification (greedy is ``_greedy_accept``): verifier log-probs at the k+1 fed positions
+    (B, k+1, V) and the drafts' log-probs (B, k, V) -> accepted count m (B,) and the verifier's own
+    token c (B,). ``allow`` (B, k) masks drafts a row may not keep."""
     B, ks = drafts.shape
     rows = torch.arange(B, device=drafts.device)
-    if sampling.greedy:
-        target = logp.argmax(-1)  # (B, ks+1)
-        ok = drafts == target[:, :-1]  # (B, ks)
-    else:
-        logp = warp_logprobs(logp, sampling)
-        if ks == 0:
-            return torch.zeros(B, dtype=torch.long, device=drafts.device), sample(logp[:, 0], generator)
-        p_d = logp[:, :-1].gather(-1, drafts[..., None]).squeeze(-1).exp()  # (B, ks)
-        q_d = logq.gather(-1, drafts[..., None]).squeeze(-1).exp()  # (B, ks)
-        u = torch.rand(B, ks, generator=generator, device=drafts.device)
-        ok = u < acceptance_prob(p_d, q_d)  # (B, ks)
+    logp = warp_logprobs(logp, sampling)
+    if ks == 0:
+        return torch.zeros(B, dtype=torch.long, device=drafts.device), sample(logp[:, 0], generator)
+    p_d = logp[:, :-1].gather(-1, drafts[..., None]).squeeze(-1).exp()  # (B, ks)
+    q_d = logq.gather(-1, drafts[..., None]).squeeze(-1).exp()  # (B, ks)
+    u = torch.rand(B, ks, generator=generator, device=drafts.device)
+    ok = u < acceptance_prob(p_d, q_d)  # (B, ks)
     if allow is not None:
         ok = ok & allow
     m = ok.long().cumprod(1).sum(1)  # (B,) leading accepted drafts
-    if sampling.greedy:
-        return m, target[rows, m]
     # past the last draft a row may keep, q is zero and the residual is p itself: the bonus draw
     if allow is not None:
         logq = logq.masked_fill(~allow[..., None], float("-inf"))
@@ -147,9 +188,19 @@ def verify(logp: torch.Tensor, drafts: torch.Tensor, logq: torch.Tensor | None, 
     return m, sample(residual_logprobs(logp[rows, m], logq[rows, m]), generator)
 
 
-def _at(z: torch.Tensor, states: list[torch.Tensor], rows: torch.Tensor, m: torch.Tensor, count: int
+def _greedy_accept(drafts: list[int], target: list[int], allowed: int) -> tuple[int, int]:
+    """One row's greedy verdict: the accepted drafts m (the leading drafts equal to the verifier's
+    argmax, at most ``allowed``) and the verifier's own token after them."""
+    m = 0
+    while m < allowed and drafts[m] == target[m]:
+        m += 1
+    return m, target[m]
+
+
+def _at(z: torch.Tensor, states: list[torch.Tensor], rows: torch.Tensor | slice, m: torch.Tensor | int, count: int
         ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """z and the first ``count`` head states (B, T, D) at position m[b] of each row -> (B, D).
+    """z and the first ``count`` head states (B, T, D) at position m[b] of each row -> (B, D) (rows a
+    full slice and m an int: the same position in every row, a view).
     Linear/MLP heads share one state tensor (the trunk's z), so each distinct tensor is gathered once."""
     seen = {id(z): z[rows, m]}
     st = []
@@ -162,6 +213,7 @@ def _at(z: torch.Tensor, states: list[torch.Tensor], rows: torch.Tensor, m: torc
 
 def generate_speculative(model, prompts, max_new_tokens: int, *, pad_mask: torch.Tensor | None = None,
                          verifier: str = "marginal", draft_len: int = 0, sampling: Sampling = GREEDY,
+                         draft_precision: str = "auto",
                          generator: torch.Generator | None = None, eos_id: int | None = None,
                          on_step: Callable[[list[list[int]]], None] | None = None,
                          sync_done: Callable[[bool], bool] | None = None) -> SpecGeneration:
@@ -171,6 +223,7 @@ def generate_speculative(model, prompts, max_new_tokens: int, *, pad_mask: torch
     every step, so a caller can stream text; together they are exactly the returned tokens.
     ``sync_done(local_done) -> all_done`` makes ranks agree on when to stop: with it every step drafts
     the full draft_len, so every rank runs the same passes with the same shapes until all are done.
+    ``draft_precision``: ``auto``, ``full`` or ``int8`` (``resolve_draft_precision``).
     """
     k = resolve_draft_len(model, draft_len)
     B = prompts.shape[0] if isinstance(prompts, torch.Tensor) else len(prompts)
@@ -179,6 +232,7 @@ def generate_speculative(model, prompts, max_new_tokens: int, *, pad_mask: torch
     extra = k if (B > 1 or fixed_width) else 0
     idx, pad_mask, slots = prepare_prompts(model, prompts, pad_mask, max_new_tokens, verifier, extra)
     device = idx.device
+    int8 = resolve_draft_precision(draft_precision, device)
     rows = torch.arange(B, device=device)
     with torch.inference_mode(), fastpath.decoding():
         sync(device)
@@ -210,25 +264,39 @@ def generate_speculative(model, prompts, max_new_tokens: int, *, pad_mask: torch
                 pos = torch.arange(ks + 1, device=device)[None]  # (1, ks+1)
                 allow = pos[:, :-1] < kr  # (B, ks)
                 feed_mask = (pos <= kr) & alive_t[:, None]  # (B, ks+1): the rest is padding
-            drafts, logq = draft(model, zt, st, lp1, c, ks, sampling, generator)  # (B, ks)
+            drafts, logq = draft(model, zt, st, lp1, c, ks, sampling, generator, int8, k)  # (B, ks)
             fed = torch.cat([c[:, None], drafts], 1)  # (B, ks+1)
             z, states = model.extend(fed, cache, feed_mask)  # (B, ks+1, D)
             logp, lp1 = model.verifier_and_factors(z, states, verifier, probs=sampling.greedy)  # (B, ks+1, V), (B, ks+1, r, V)
-            m, c = verify(logp, drafts, logq, allow, sampling, generator)  # (B,), (B,)
+            if sampling.greedy:
+                # greedy acceptance on the host: one sync brings the drafts and the verifier's
+                # argmaxes, and a few list comparisons replace a chain of tiny tensor ops
+                host = torch.cat([drafts, logp.argmax(-1)], 1).tolist()  # (B, 2 ks + 1): one sync
+                ms, cs = zip(*(_greedy_accept(row[:ks], row[ks:], kb) for row, kb in zip(host, k_row)))
+            else:
+                m, c = verify(logp, drafts, logq, allow, sampling, generator)  # (B,), (B,)
+                host = torch.cat([drafts, m[:, None], c[:, None]], 1).tolist()  # (B, ks+2): one sync
+                ms, cs = [row[ks] for row in host], [row[ks + 1] for row in host]
             # keep c's slot and the m accepted drafts' slots; the verifier token c is fed next step
-            kept = cache.lengths - ks + m  # (B,)
-            cache.crop(kept if everyone else torch.where(alive_t, kept, 0))
-            zt, st = _at(z, states, rows, m, k + 1)
-            lp1 = None if lp1 is None else lp1[rows, m]  # (B, r, V)
-            host = torch.cat([drafts, m[:, None], c[:, None]], 1).tolist()  # (B, ks+2): one sync
+            if B == 1:  # plain slices: no index tensors
+                cache.crop(cache.lengths - (ks - ms[0]) if alive[0] else cache.lengths * 0)
+                zt, st = _at(z, states, slice(None), ms[0], k + 1)
+                lp1 = None if lp1 is None else lp1[:, ms[0]]  # (1, r, V)
+            else:
+                m = torch.tensor(ms, device=device)
+                kept = cache.lengths - ks + m  # (B,)
+                cache.crop(kept if everyone else torch.where(alive_t, kept, 0))
+                zt, st = _at(z, states, rows, m, k + 1)
+                lp1 = None if lp1 is None else lp1[rows, m]  # (B, r, V)
+            c = torch.tensor(cs, device=device)  # (B,)
             steps += 1
             new: list[list[int]] = [[] for _ in range(B)]
             finished = False
             for b in range(B):
                 if not alive[b]:
                     continue
-                mb = host[b][ks]
-                out = host[b][:mb] + [host[b][ks + 1]]
+                mb = ms[b]
+                out = host[b][:mb] + [cs[b]]
                 if eos_id is not None and eos_id in out:
                     out = out[: out.index(eos_id) + 1]
                     mb = min(mb, len(out))

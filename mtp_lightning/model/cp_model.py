@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from mtp_lightning.config import ModelConfig
-from mtp_lightning.model.fastpath import skinny_linear
+from mtp_lightning.model.fastpath import project_int8, skinny_linear
 from mtp_lightning.model.gpt import GPT, KVCache
 from mtp_lightning.model.heads import CPHeads
 
@@ -102,18 +102,25 @@ class CPModel(nn.Module):
         """(..., D) -> (..., r) log router weights, in float32."""
         return self.heads.router_logits(z).float().log_softmax(-1)
 
-    def factor_logprobs(self, states: list[torch.Tensor], offsets: range, probs: bool = False) -> torch.Tensor:
+    def factor_logprobs(self, states: list[torch.Tensor], offsets: range, probs: bool = False,
+                        int8: bool = False) -> torch.Tensor:
         """log P_a^(s)(.) for the offsets asked, at the positions the states hold.
 
         states n x (..., D) -> (..., len(offsets), r, V) float32 log-probabilities (``probs``: the
         probabilities P_a^(s) themselves, one softmax instead of a log-softmax and an exp). One matmul.
+        ``int8`` (speculative drafts only, never the verifier): the factor maps and the unembedding
+        through int8 weight copies while decoding on the CPU (``fastpath.project_int8``), which read a
+        quarter of the bytes; the factors are then approximate.
         """
         first, count = offsets.start, len(offsets)
         if first >= 1 and count > 1 and self.heads.kind != "block":  # draft offsets of one shared state
-            h = self.heads.draft_vectors(states[first], first, count)  # (..., k, r, D)
+            h = self.heads.draft_vectors(states[first], first, count, int8)  # (..., k, r, D)
         else:
-            h = torch.stack([self.heads.expert_vectors(states[s], s) for s in offsets], dim=-3)  # (..., k, r, D)
-        logits = skinny_linear(h, self.unembedding).float()  # (..., k, r, V)
+            h = torch.stack([self.heads.expert_vectors(states[s], s, int8=int8) for s in offsets], dim=-3)  # (..., k, r, D)
+        if int8:
+            logits = project_int8(h, self.unembedding).float()  # (..., k, r, V)
+        else:
+            logits = skinny_linear(h, self.unembedding).float()  # (..., k, r, V)
         return logits.softmax(-1) if probs else logits.log_softmax(-1)
 
     def verifier_logprobs(self, z: torch.Tensor, states: list[torch.Tensor], verifier: str) -> torch.Tensor:

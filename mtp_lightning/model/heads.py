@@ -78,11 +78,13 @@ class CPHeads(nn.Module):
                 params += list(block.parameters()) + list(norm.parameters())
         return params
 
-    def expert_vectors(self, u: torch.Tensor, s: int, experts: slice | None = None) -> torch.Tensor:
-        """h_{s,a} for offset index s (0-based) from its state u (..., D) -> (..., r, D)."""
+    def expert_vectors(self, u: torch.Tensor, s: int, experts: slice | None = None, int8: bool = False
+                       ) -> torch.Tensor:
+        """h_{s,a} for offset index s (0-based) from its state u (..., D) -> (..., r, D). ``int8``: through
+        an int8 weight copy when decoding (``fastpath.project_int8``; drafts only)."""
         param, index = self.factor_weight(s)
         if experts is None and fastpath.applies(u):  # decoding: a few rows through a cached weight copy
-            h = fastpath.project(u, param, index).unflatten(-1, (self.r, self.d))  # (..., r, D)
+            h = (fastpath.project_int8 if int8 else fastpath.project)(u, param, index).unflatten(-1, (self.r, self.d))
         else:
             W = param if index is None else param[index]  # (r, D_out, D_in)
             if experts is not None:
@@ -92,14 +94,16 @@ class CPHeads(nn.Module):
             return u.unsqueeze(-2) + F.silu(h)
         return h
 
-    def draft_vectors(self, u: torch.Tensor, first: int, count: int) -> torch.Tensor:
+    def draft_vectors(self, u: torch.Tensor, first: int, count: int, int8: bool = False) -> torch.Tensor:
         """h_{s,a} for ``count`` consecutive draft offset indices from ``first`` >= 1, all from one state
         u (..., D) (``linear``/``mlp`` heads, whose offsets share the trunk's z) -> (..., count, r, D).
-        Decoding's draft step: one product with the offsets' maps stacked, instead of one per offset."""
+        Decoding's draft step: one product with the offsets' maps stacked, instead of one per offset.
+        ``int8`` as in ``expert_vectors``."""
         assert self.kind != "block" and first >= 1 and first - 1 + count <= self.n - 1
         index = slice(first - 1, first - 1 + count)
         if fastpath.applies(u):
-            h = fastpath.project(u, self.draft_weight, index).unflatten(-1, (count, self.r, self.d))
+            project = fastpath.project_int8 if int8 else fastpath.project
+            h = project(u, self.draft_weight, index).unflatten(-1, (count, self.r, self.d))
         else:
             h = torch.einsum("krod,...d->...kro", self.draft_weight[index], u)
         if self.kind == "mlp":

@@ -5,7 +5,9 @@ and hot (one copy, reused):
 - ``x @ Wt``: Wt a contiguous (in, out) fp32 copy (MKL; one row takes its matrix-vector path);
 - ``F.linear``: W as stored, (out, in);
 - ``oneDNN``: ``torch.ops.mkldnn._linear_pointwise`` over a weight reordered once with
-  ``torch.ops.mkldnn._reorder_linear_weight`` (what ``model/fastpath.py`` uses for 2-16 rows).
+  ``torch.ops.mkldnn._reorder_linear_weight`` (what ``model/fastpath.py`` uses for 2-256 rows);
+- ``int8``: fbgemm's dynamic int8 linear over a per-row int8 copy (``fastpath.project_int8``, which
+  speculative drafts use; approximate).
 
     python benchmarks/skinny_matmul.py [threads]
 
@@ -17,6 +19,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from mtp_lightning.model.fastpath import _pack_int8
 
 
 def median_us(f, reps: int = 200) -> float:
@@ -32,9 +36,9 @@ def median_us(f, reps: int = 200) -> float:
 
 def main(threads: int) -> None:
     torch.set_num_threads(threads)
-    rows = [1, 4, 16]
+    rows = [1, 4, 12]
     print(f"{threads} threads; median microseconds per call")
-    print(f"| in -> out | weights | {' | '.join(f'{m} rows: x @ Wt / F.linear / oneDNN' for m in rows)} |")
+    print(f"| in -> out | weights | {' | '.join(f'{m} rows: x @ Wt / F.linear / oneDNN / int8' for m in rows)} |")
     print(f"| --- | --- | {' | '.join('---' for _ in rows)} |")
     with torch.inference_mode():
         for d_in, d_out in [(256, 768), (1024, 256), (256, 4096)]:
@@ -43,6 +47,7 @@ def main(threads: int) -> None:
                 ws = [torch.randn(d_out, d_in) for _ in range(copies)]
                 wts = [w.t().contiguous() for w in ws]
                 dnn = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in ws]
+                q8 = [_pack_int8(w) for w in ws]
                 cells = []
                 for m in rows:
                     x = torch.randn(m, d_in)
@@ -52,7 +57,8 @@ def main(threads: int) -> None:
                         i[0] = (i[0] + 1) % copies
                         return i[0]
                     t = [median_us(lambda: x @ wts[nxt()]), median_us(lambda: F.linear(x, ws[nxt()])),
-                         median_us(lambda: torch.ops.mkldnn._linear_pointwise(x, dnn[nxt()], None, "none", [], ""))]
+                         median_us(lambda: torch.ops.mkldnn._linear_pointwise(x, dnn[nxt()], None, "none", [], "")),
+                         median_us(lambda: torch.ops.quantized.linear_dynamic(x, q8[nxt()], True))]
                     cells.append(" / ".join(f"{v:.0f}" for v in t))
                 print(f"| {d_in} -> {d_out} | {temp} | {' | '.join(cells)} |")
 

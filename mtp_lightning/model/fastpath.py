@@ -21,7 +21,8 @@ and the verifier, computed in full precision, decides what is emitted, so a chea
 speed, never the output (greedy: the verifier's argmax; sampling: the residual rule uses the same
 draft distribution that was sampled from). The int8 copy has one scale per output row; the activations
 are quantized per call (fbgemm's dynamic linear, ``torch.ops.quantized.linear_dynamic``), which reads a
-quarter of the bytes: 12 x 256 -> 4096 took 121 against 374 us (docs/benchmarks.md).
+quarter of the bytes: 12 x 256 -> 4096 took 212 against oneDNN's 456 us with the weights out of cache,
+138 against 223 in cache (``python benchmarks/skinny_matmul.py``, docs/benchmarks.md).
 
 The copies live only inside ``with decoding():`` (the decoders open it around a whole generation, during
 which no weight changes) and are dropped when it closes, so a training step or an FSDP re-gather can

@@ -53,6 +53,7 @@ from mtp_lightning.model import fastpath
 
 DRAFT_PRECISIONS = ("auto", "full", "int8")
 
+
 @dataclass
 class SpecGeneration(Generation):
     accepted: list[list[int]]

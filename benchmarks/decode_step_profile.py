@@ -3,10 +3,12 @@ greedy decoding of one 128-token generation (after two warm-up runs).
 
     python benchmarks/decode_step_profile.py runs/default/checkpoints/last.ckpt [PROMPTS.pt]
 
-Timers wrap the calls, so the parts add up to a little more than the step time they report. The line
-in brackets, every weight product (``fastpath.project``: trunk, heads and unembedding), is a part of the
-calls above it, not a further one. A second argument, a .pt file of prompt ids (K, T), decodes its
-first prompt instead of a random one.
+Timers wrap the calls, so the parts add up to a little more than the step time they report. The lines
+in brackets are parts of the calls above them, not further ones: every full-precision weight product
+(``fastpath.project``: trunk, heads and unembedding) and the draft's int8 products
+(``fastpath.project_int8``, draft maps and unembedding rows). Both decoders run inside one
+``decoding()`` block, as ``bench`` does, so the weight copies are built in the warm-ups. A second
+argument, a .pt file of prompt ids (K, T), decodes its first prompt instead of a random one.
 """
 
 import collections

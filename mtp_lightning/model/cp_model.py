@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 
 from mtp_lightning.config import ModelConfig
-from mtp_lightning.model.fastpath import project_int8, skinny_linear
+from mtp_lightning.model import fastpath
+from mtp_lightning.model.fastpath import skinny_linear
 from mtp_lightning.model.gpt import GPT, KVCache
 from mtp_lightning.model.heads import CPHeads
 
@@ -117,10 +118,8 @@ class CPModel(nn.Module):
             h = self.heads.draft_vectors(states[first], first, count, int8)  # (..., k, r, D)
         else:
             h = torch.stack([self.heads.expert_vectors(states[s], s, int8=int8) for s in offsets], dim=-3)  # (..., k, r, D)
-        if int8:
-            logits = project_int8(h, self.unembedding).float()  # (..., k, r, V)
-        else:
-            logits = skinny_linear(h, self.unembedding).float()  # (..., k, r, V)
+        project = fastpath.project_int8 if int8 else fastpath.project
+        logits = project(h, self.unembedding).float()  # (..., k, r, V)
         return logits.softmax(-1) if probs else logits.log_softmax(-1)
 
     def verifier_logprobs(self, z: torch.Tensor, states: list[torch.Tensor], verifier: str) -> torch.Tensor:

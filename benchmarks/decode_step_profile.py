@@ -45,7 +45,6 @@ def main(path: str, prompts: str | None = None) -> None:
     timed(model, "extend", "trunk pass (extend)")
     timed(model, "verifier_and_factors", "verifier")
     timed(sp, "draft", "draft")
-    timed(sp, "verify", "accept/reject")
     timed(fastpath, "project", "(all weight products)")  # inside the calls above
     timed(fastpath, "project_int8", "(int8 draft products)")  # inside the draft
     for mode in ("ar", "spec"):

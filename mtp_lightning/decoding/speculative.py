@@ -279,16 +279,12 @@ def generate_speculative(model, prompts, max_new_tokens: int, *, pad_mask: torch
                 host = torch.cat([drafts, m[:, None], c[:, None]], 1).tolist()  # (B, ks+2): one sync
                 ms, cs = [row[ks] for row in host], [row[ks + 1] for row in host]
             # keep c's slot and the m accepted drafts' slots; the verifier token c is fed next step
-            if B == 1:  # plain slices: no index tensors
-                cache.crop(cache.lengths - (ks - ms[0]) if alive[0] else cache.lengths * 0)
-                zt, st = _at(z, states, slice(None), ms[0], k + 1)
-                lp1 = None if lp1 is None else lp1[:, ms[0]]  # (1, r, V)
-            else:
-                m = torch.tensor(ms, device=device)
-                kept = cache.lengths - ks + m  # (B,)
-                cache.crop(kept if everyone else torch.where(alive_t, kept, 0))
-                zt, st = _at(z, states, rows, m, k + 1)
-                lp1 = None if lp1 is None else lp1[rows, m]  # (B, r, V)
+            # one row: plain slices at an int position, no index tensors
+            at, m = (slice(None), ms[0]) if B == 1 else (rows, torch.tensor(ms, device=device))
+            kept = cache.lengths - ks + m  # (B,)
+            cache.crop(kept if everyone else torch.where(alive_t, kept, 0))
+            zt, st = _at(z, states, at, m, k + 1)
+            lp1 = None if lp1 is None else lp1[at, m]  # (B, r, V)
             c = torch.tensor(cs, device=device)  # (B,)
             steps += 1
             new: list[list[int]] = [[] for _ in range(B)]

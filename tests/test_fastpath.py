@@ -1,11 +1,25 @@
 """The decoding-time few-row products (``model/fastpath.py``): same values as ``F.linear``, used only
 inside ``decoding()``, never stale after a weight changes, freed when the block closes."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mtp_lightning.model import fastpath
+from mtp_lightning.model import fastpath, native
+
+# where the kernel can be built it must be: an x86 Linux CPU with AVX2 and a C++ compiler (CI has both)
+CAN_BUILD = (sys.platform == "linux" and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512", "AVX512_BF16")
+             and native._compiler() is not None)
+
+
+@pytest.fixture
+def library_paths(monkeypatch):
+    """The products as they are without the kernel: MKL for one row, oneDNN for several."""
+    native.kernel()
+    monkeypatch.setattr(native, "_lib", None)
 
 
 def test_skinny_linear_matches_linear_and_is_scoped():
@@ -36,9 +50,9 @@ def test_stacked_weight_slice():
     torch.testing.assert_close(got, torch.einsum("rod,bd->bro", w[2], u), rtol=1e-6, atol=1e-6)
 
 
-def test_several_rows_go_through_the_reordered_copy():
-    """2..MAX_ROWS rows use oneDNN's reordered weight (where torch has oneDNN), one row the transposed
-    copy; both equal F.linear, for a plain and a stacked weight slice."""
+def test_several_rows_go_through_the_reordered_copy(library_paths):
+    """Without the kernel, 2..MAX_ROWS rows use oneDNN's reordered weight (where torch has oneDNN), one
+    row the transposed copy; both equal F.linear, for a plain and a stacked weight slice."""
     torch.manual_seed(1)
     w, b = torch.randn(40, 24), torch.randn(40)
     stacked = torch.randn(3, 2, 8, 24)  # (k, r, D_out, D_in)
@@ -84,3 +98,92 @@ def test_int8_copy_is_close_but_not_exact_and_scoped():
     x = torch.randn(4, 64)
     with torch.no_grad():  # outside decoding()
         torch.testing.assert_close(fastpath.project_int8(x, w), F.linear(x, w), rtol=1e-6, atol=1e-6)
+
+
+# ---- the few-row kernel (native.py, fewrow.cpp) -----------------------------------------------------
+
+
+def test_kernel_is_built_where_it_can_be():
+    """On an AVX2 Linux machine with a compiler the kernel is in use; it is never silently off there."""
+    if not CAN_BUILD:
+        pytest.skip("no AVX2 or no C++ compiler here")
+    assert native.kernel() is not None, native.why_not()
+    assert native.why_not() == ""
+    # linked against torch's own OpenMP runtime: one libgomp in the process, torch's
+    with open("/proc/self/maps") as f:
+        gomp = {line.split()[-1] for line in f if "libgomp" in line}
+    assert len(gomp) == 1 and "torch" in next(iter(gomp)), gomp
+
+
+@pytest.mark.skipif(not CAN_BUILD, reason="no AVX2 or no C++ compiler here")
+@pytest.mark.parametrize("out", [24 * 5, 24 * 9 + 8, 24 * 4 + 16, 8, 4096])
+def test_kernel_matches_float64_and_every_row_is_computed_the_same_alone(out):
+    """Against a float64 product, for full panels and both tail widths, 1..20 rows (chunks of 4 and
+    every remainder), with and without bias, one thread and two. And the property the decoders rely
+    on: a row's result is bit for bit the same whether it comes alone or among others, so one-row AR
+    steps and several-row verification passes compute the trunk identically."""
+    assert native.kernel() is not None
+    g = torch.Generator().manual_seed(out)
+    w, b = torch.randn(out, 96, generator=g), torch.randn(out, generator=g)
+    packed = native.pack(w)
+    for rows in (1, 2, 3, 4, 5, 7, 8, 13, 20):
+        x = torch.randn(rows, 96, generator=g)
+        for bias in (b, None):
+            want = F.linear(x.double(), w.double(), None if bias is None else bias.double())
+            for threads in (1, 2):
+                got = native._call(native._lib, x, packed, bias, out, threads)
+                assert got.dtype == torch.float32 and got.shape == (rows, out)
+                torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+                alone = torch.cat([native._call(native._lib, x[i:i + 1], packed, bias, out, threads) for i in range(rows)])
+                assert torch.equal(got, alone)
+            assert torch.equal(got, native._call(native._lib, x, packed, bias, out, 1))
+
+
+@pytest.mark.skipif(not CAN_BUILD, reason="no AVX2 or no C++ compiler here")
+def test_project_takes_the_kernel_for_few_rows_and_the_libraries_otherwise():
+    """Inside decoding(), up to NATIVE_MAX_ROWS float32 rows into a width divisible by 8 go through the
+    kernel's packed copy ("fr"); a width it does not take and more rows use the library copies. All
+    match F.linear; a stacked slice too."""
+    torch.manual_seed(3)
+    w, b = torch.randn(48, 32), torch.randn(48)
+    odd = torch.randn(36, 32)  # 36 outputs: not a multiple of 8
+    stacked = torch.randn(3, 2, 8, 32)
+    with torch.no_grad(), fastpath.decoding():
+        for rows in (1, 4, fastpath.NATIVE_MAX_ROWS):
+            x = torch.randn(rows, 32)
+            torch.testing.assert_close(fastpath.project(x, w, bias=b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(fastpath.project(x, stacked, slice(1, 3)),
+                                       x @ stacked[1:3].reshape(-1, 32).t(), rtol=1e-5, atol=1e-5)
+        kinds = {kind: c for _, _, copies in fastpath._copies.values() for (kind, _), c in copies.items()}
+        assert set(kinds) == {"fr"}
+        fastpath._copies.clear()
+        x = torch.randn(fastpath.NATIVE_MAX_ROWS + 1, 32)
+        torch.testing.assert_close(fastpath.project(x, w, bias=b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fastpath.project(x[:2], odd), F.linear(x[:2], odd), rtol=1e-5, atol=1e-5)
+        copies = {kind: c for _, _, cs in fastpath._copies.values() for (kind, _), c in cs.items()}
+        assert set(copies) == {"fr", "dnn" if fastpath._ONEDNN else "t"} and copies["fr"] is None  # odd: no "fr"
+
+
+def test_disabled_kernel_says_why(tmp_path):
+    """MTP_LIGHTNING_NATIVE=0 turns it off in a fresh process, which then says so."""
+    code = "from mtp_lightning.model import native; print(native.kernel() is None, native.why_not())"
+    env = {"MTP_LIGHTNING_NATIVE": "0", "MTP_LIGHTNING_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.strip() == "True disabled by MTP_LIGHTNING_NATIVE=0"
+
+
+@pytest.mark.skipif(not CAN_BUILD, reason="no AVX2 or no C++ compiler here")
+def test_build_is_cached_and_atomic(tmp_path):
+    """A fresh cache directory gets exactly one library (no temporary left behind), and a second process
+    loads that file as it is instead of compiling again."""
+    code = "from mtp_lightning.model import native; native.kernel(); print(native.why_not() or 'ok')"
+    env = {"MTP_LIGHTNING_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert first.stdout.strip() == "ok", first.stdout + first.stderr
+    built = sorted(p.name for p in (tmp_path / "kernels").iterdir())
+    assert len([n for n in built if n.endswith(".so")]) == 1 and not [n for n in built if n.endswith(".tmp")], built
+    so = next((tmp_path / "kernels").glob("*.so"))
+    stamp = so.stat().st_mtime_ns
+    second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert second.stdout.strip() == "ok"
+    assert sorted(p.name for p in (tmp_path / "kernels").iterdir()) == built and so.stat().st_mtime_ns == stamp

@@ -11,10 +11,14 @@ matrix. torch's CPU ``F.linear(x, W)`` is slow for such skinny products, for two
   blocked layout (``torch.ops.mkldnn._reorder_linear_weight``, the same pair of ops inductor's
   ``freezing`` uses on the CPU) skips that: 4 x 256 -> 4096 took 271-285 us against 938-997 us.
 
-So ``project`` sends one row through a transposed copy (or ``F.linear`` into a narrower output) and
-2..``MAX_ROWS`` rows through a oneDNN reordered copy (where this torch build has oneDNN), and falls back
-to ``F.linear`` outside decoding (CPU, no autograd, at most ``MAX_ROWS`` rows), so training is
-untouched. ``python benchmarks/skinny_matmul.py`` prints the three ways side by side.
+Both still cost far more than reading the weight: oneDNN spends 30-40 us per call even on 4 x 256 -> 256.
+So ``project`` first tries this project's own kernel (``native.py``, ``fewrow.cpp``: AVX2, built on
+first use, a weight packed once), which streams the weight once for all rows: up to ``NATIVE_MAX_ROWS``
+rows, float32, an output width divisible by 8. Without it (no compiler, no AVX2,
+``MTP_LIGHTNING_NATIVE=0``) and for more rows, one row goes through a transposed copy (or ``F.linear``
+into a narrower output) and 2..``MAX_ROWS`` rows through a oneDNN reordered copy (where this torch build
+has oneDNN). Outside decoding (CPU, no autograd, at most ``MAX_ROWS`` rows) it is ``F.linear``, so
+training is untouched. ``python benchmarks/skinny_matmul.py`` prints the ways side by side.
 
 Drafts may also go through an int8 copy (``project_int8``): a speculative draft only proposes tokens,
 and the verifier, computed in full precision, decides what is emitted, so a cheaper draft changes
@@ -40,7 +44,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from mtp_lightning.model import native
+
 MAX_ROWS = 256  # a batch of 8 rows verifying 4 positions with 4 experts has 128
+NATIVE_MAX_ROWS = 32  # up to here the kernel beats oneDNN on the benchmarks' shapes (docs/benchmarks.md)
 _copies = WeakTensorKeyDictionary()  # weight -> (version, data_ptr, {(kind, index): copy})
 _depth = 0  # open ``decoding()`` blocks
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -54,6 +61,8 @@ def decoding():
     """Enable the few-row path for the block; the weight copies are freed when the outermost block
     closes."""
     global _depth
+    if _depth == 0:
+        native.kernel()  # built (or found) once per process, before any timed work
     _depth += 1
     try:
         yield
@@ -70,24 +79,26 @@ def _weight_rows(weight: torch.Tensor, index) -> torch.Tensor:
     return w.reshape(-1, w.shape[-1])
 
 
-def _copy(weight: torch.Tensor, index, kind: str) -> torch.Tensor:
+def _copy(weight: torch.Tensor, index, kind: str) -> torch.Tensor | None:
     key = (weight._version, weight.data_ptr())
     hit = _copies.get(weight)
     if hit is None or hit[:2] != key:
         hit = (*key, {})
         _copies[weight] = hit
     slot = (kind, (index.start, index.stop, index.step) if isinstance(index, slice) else index)
-    c = hit[2].get(slot)
-    if c is None:
-        with torch.no_grad():
-            w = _weight_rows(weight, index)
-            if kind == "t":
-                c = w.t().contiguous()
-            elif kind == "dnn":
-                c = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None)
-            else:
-                c = _pack_int8(w)
-        hit[2][slot] = c
+    if slot in hit[2]:
+        return hit[2][slot]
+    with torch.no_grad():
+        w = _weight_rows(weight, index)
+        if kind == "t":
+            c = w.t().contiguous()
+        elif kind == "dnn":
+            c = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None)
+        elif kind == "fr":  # None: a width the kernel does not take (not a multiple of 8)
+            c = native.pack(w) if native.supports(w.shape[0]) else None
+        else:
+            c = _pack_int8(w)
+    hit[2][slot] = c
     return c
 
 
@@ -119,6 +130,10 @@ def project(x: torch.Tensor, weight: torch.Tensor, index=None, bias: torch.Tenso
     if not applies(x) or x.dtype != weight.dtype:
         w = weight if index is None else weight[index]  # autograd may be on: no detach here
         return F.linear(x, w.reshape(-1, w.shape[-1]), bias)
+    if native._lib is not None and x.dtype == torch.float32 and x.numel() <= NATIVE_MAX_ROWS * x.shape[-1]:
+        packed = _copy(weight, index, "fr")
+        if packed is not None:
+            return native.linear(x, packed, bias, packed.numel() // x.shape[-1])
     if _ONEDNN and x.numel() > x.shape[-1]:  # several rows
         return torch.ops.mkldnn._linear_pointwise(x, _copy(weight, index, "dnn"), bias, "none", [], "")
     if weight.dim() == 2 and weight.shape[1] > weight.shape[0]:

@@ -1,0 +1,143 @@
+// Few-row float32 products for decoding on x86 CPUs with AVX2 and FMA: y (M, O) = x (M, I) W^T + b.
+//
+// Decoding multiplies 1 to about 16 rows (one token, or a draft of k+1 tokens times r experts) by each
+// weight matrix. General GEMM libraries pay a per-call cost that dominates at that size (oneDNN spends
+// 30-40 us on a 4 x 256 -> 256 product) and MKL repacks the weight on every call when there is more
+// than one row. This kernel reads a weight packed once (``mtp_lightning/model/native.py`` packs it)
+// and streams it with all rows' accumulators held in registers, so 4 rows cost little more than one.
+//
+// Layout of the packed weight: the output columns are cut into panels of 24 (three 8-float vectors);
+// the last panel may be 8 or 16 wide (O must be a multiple of 8). Panel p holds, for every input k, its
+// columns' weights W[24p + c, k], c < width, one after another: (I, width) row-major, the panels back to
+// back. So a panel is one contiguous stream of I * width floats.
+//
+// Every output y[m, o] is the float32 sum over k = 0, 1, .., I-1, in that order, of x[m, k] * W[o, k]
+// (one fused multiply-add per term), then + b[o]. The order does not depend on M or on how many panels
+// a call does at once, so a row's result is the same bit for bit whether it comes alone or with others:
+// autoregressive decoding (one row) and a speculative verification pass (several rows) compute the
+// trunk with identical arithmetic.
+//
+// Panels are split between threads with OpenMP. ``native.py`` links this file against the OpenMP
+// runtime that PyTorch itself loaded, so the kernel shares torch's thread pool instead of starting a
+// second one.
+
+#include <immintrin.h>
+#include <stdint.h>
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+namespace {
+
+constexpr int kPanel = 24;
+
+// NP consecutive panels of width 8*J each (J = 3 for full panels; a tail panel has NP = 1 and J < 3)
+// for M <= 4 rows. At most 12 accumulators: M * NP * J <= 12. A is the accumulator count.
+template <int M, int NP, int J>
+inline void block(const float* __restrict x, int64_t I, const float* __restrict w, int64_t panel_stride,
+                  const float* __restrict bias, float* __restrict y, int64_t O) {
+    static_assert(M * NP * J <= 12, "too many accumulators for 16 ymm registers");
+    constexpr int C = NP * J;  // vectors per row
+    __m256 acc[M * C];
+#pragma GCC unroll 12
+    for (int a = 0; a < M * C; ++a) acc[a] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < I; ++k) {
+        __m256 wv[C];
+#pragma GCC unroll 12
+        for (int c = 0; c < C; ++c) wv[c] = _mm256_loadu_ps(w + (c / J) * panel_stride + k * (8 * J) + 8 * (c % J));
+#pragma GCC unroll 4
+        for (int m = 0; m < M; ++m) {
+            const __m256 xb = _mm256_broadcast_ss(x + m * I + k);
+#pragma GCC unroll 12
+            for (int c = 0; c < C; ++c) acc[m * C + c] = _mm256_fmadd_ps(xb, wv[c], acc[m * C + c]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) {
+#pragma GCC unroll 12
+        for (int c = 0; c < C; ++c) {
+            const int64_t col = (c / J) * kPanel + 8 * (c % J);
+            __m256 r = acc[m * C + c];
+            if (bias) r = _mm256_add_ps(r, _mm256_loadu_ps(bias + col));
+            _mm256_storeu_ps(y + m * O + col, r);
+        }
+    }
+}
+
+// Rows [0, M) (M <= 4) against panels [p0, p1) (all full) with NP panels per pass, then single panels.
+template <int M, int NP>
+inline void full_panels(const float* x, int64_t I, const float* wp, const float* bias, float* y, int64_t O,
+                        int64_t p0, int64_t p1) {
+    const int64_t stride = static_cast<int64_t>(kPanel) * I;
+    int64_t p = p0;
+    for (; p + NP <= p1; p += NP)
+        block<M, NP, 3>(x, I, wp + p * stride, stride, bias ? bias + p * kPanel : nullptr, y + p * kPanel, O);
+    for (; p < p1; ++p)
+        block<M, 1, 3>(x, I, wp + p * stride, stride, bias ? bias + p * kPanel : nullptr, y + p * kPanel, O);
+}
+
+template <int M>
+void rows(const float* x, int64_t I, const float* wp, const float* bias, float* y, int64_t O, int64_t p0, int64_t p1) {
+    // the widest pass that fits 12 accumulators: 4 panels for one row, 2 for two, 1 for three or four
+    constexpr int NP = M == 1 ? 4 : M == 2 ? 2 : 1;
+    const int64_t full = O / kPanel;
+    full_panels<M, NP>(x, I, wp, bias, y, O, p0, p1 < full ? p1 : full);
+    if (p1 > full) {  // the tail panel, 8 or 16 wide
+        const int64_t col = full * kPanel;
+        const float* w = wp + col * I;
+        const float* b = bias ? bias + col : nullptr;
+        if (O - col == 16) block<M, 1, 2>(x, I, w, 0, b, y + col, O);
+        else block<M, 1, 1>(x, I, w, 0, b, y + col, O);
+    }
+}
+
+// Rows [0, M) against panels [p0, p1). The panels go in runs of 4 (96 KB of weight for 256 inputs), and
+// every group of 4 rows passes over a run before the next run is read, so a weight is read from memory
+// once per call however many rows there are; the other row groups find the run in cache.
+void chunk(const float* x, int64_t M, int64_t I, const float* wp, const float* bias, float* y, int64_t O,
+           int64_t p0, int64_t p1) {
+    for (int64_t q0 = p0; q0 < p1; q0 += 4) {
+        const int64_t q1 = q0 + 4 < p1 ? q0 + 4 : p1;
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4) rows<4>(x + m * I, I, wp, bias, y + m * O, O, q0, q1);
+        switch (M - m) {
+            case 3: rows<3>(x + m * I, I, wp, bias, y + m * O, O, q0, q1); break;
+            case 2: rows<2>(x + m * I, I, wp, bias, y + m * O, O, q0, q1); break;
+            case 1: rows<1>(x + m * I, I, wp, bias, y + m * O, O, q0, q1); break;
+            default: break;
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+// The ABI version ``native.py`` checks before it uses a build.
+int mtpl_abi_version() { return 1; }
+
+// y (M, O) = x (M, I) W^T + bias (nullable), W packed as described above; all arrays contiguous float32.
+// The panels are shared out over ``threads`` threads in contiguous runs, aligned to 4 panels so that
+// one-row passes stay 4 panels wide.
+void mtpl_linear(const float* x, int64_t M, int64_t I, const float* wp, const float* bias, float* y, int64_t O,
+                 int threads) {
+    const int64_t panels = (O + kPanel - 1) / kPanel;
+    if (threads <= 1 || panels < 8) {
+        chunk(x, M, I, wp, bias, y, O, 0, panels);
+        return;
+    }
+#if defined(_OPENMP)
+    const int64_t groups = (panels + 3) / 4;
+#pragma omp parallel num_threads(threads)
+    {
+        const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
+        const int64_t g0 = groups * t / n, g1 = groups * (t + 1) / n;
+        const int64_t p0 = g0 * 4, p1 = g1 * 4 < panels ? g1 * 4 : panels;
+        if (p0 < p1) chunk(x, M, I, wp, bias, y, O, p0, p1);
+    }
+#else
+    chunk(x, M, I, wp, bias, y, O, 0, panels);
+#endif
+}
+
+}  // extern "C"

@@ -1,0 +1,180 @@
+"""The few-row float32 kernel (``fewrow.cpp``): built on first use, loaded with ctypes, optional.
+
+Why a kernel of our own: decoding's products have 1 to about 16 rows, and at that size the libraries'
+per-call costs dominate. On the 2-core AMD EPYC of docs/benchmarks.md ("Few-row products, a kernel of
+our own"), 4 x 256 -> 768 took 44-82 us through oneDNN and 11-30 us here; 4 x 256 -> 4096 took 115-125
+against 47-90; one row 256 -> 768 took 22 us through MKL's matrix-vector product and 8-12 here.
+
+How it is built: the first ``kernel()`` call compiles ``fewrow.cpp`` with the system's C++ compiler
+(``$CXX``, else ``g++``/``c++``; about 2 s) into ``$MTP_LIGHTNING_CACHE`` (default
+``~/.cache/mtp_lightning``)/kernels, under a name that hashes the source, the flags and the torch
+build, so an edit or an upgrade rebuilds it. The build goes to a temporary file that is renamed into
+place under a file lock, so concurrent processes (DDP ranks, test workers) never load a half-written
+library. It links against the OpenMP runtime torch itself loaded, so the kernel uses torch's threads.
+Before it is used, one product is checked against ``F.linear``.
+
+It is skipped, and ``fastpath`` keeps its library paths, when any of these holds (``why_not()`` says
+which): ``MTP_LIGHTNING_NATIVE=0``; the CPU lacks AVX2/FMA; no compiler; the build or the check fails.
+Nothing else changes then: the kernel is a speed path, never a different result beyond float rounding.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SOURCE = Path(__file__).with_name("fewrow.cpp")
+ABI_VERSION = 1
+PANEL = 24
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-fPIC", "-shared", "-fno-math-errno", "-std=c++17"]
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+_why_not = "not tried yet"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MTP_LIGHTNING_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mtp_lightning")
+    return Path(root) / "kernels"
+
+
+def _torch_openmp() -> Path | None:
+    """The OpenMP runtime file torch ships and loads (``torch/lib/libgomp*.so*``), or None (a torch
+    without it, e.g. one built with Intel's runtime: the kernel is then built single-threaded)."""
+    if "OpenMP" not in torch.__config__.parallel_info():
+        return None
+    libs = sorted((Path(torch.__file__).parent / "lib").glob("libgomp*.so*"))
+    return libs[0] if libs else None
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def _build(cxx: str, omp: Path | None) -> Path:
+    flags = _FLAGS + (["-fopenmp"] if omp is not None else [])
+    src = SOURCE.read_bytes()
+    tag = hashlib.sha256(b"\0".join([src, " ".join(flags).encode(), cxx.encode(), torch.__version__.encode(),
+                                     str(omp).encode()])).hexdigest()[:16]
+    out = cache_dir() / f"fewrow-{tag}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from filelock import FileLock
+
+    with FileLock(str(out) + ".lock", timeout=600):
+        if out.exists():  # another process built it while this one waited
+            return out
+        fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+        os.close(fd)
+        try:
+            cmd = [cxx, *flags, str(SOURCE), "-o", tmp]
+            if omp is not None:
+                # link torch's own runtime by path: the loader then reuses the copy torch already loaded
+                # (same soname), so the kernel and torch share one OpenMP thread pool
+                cmd += [f"-L{omp.parent}", f"-l:{omp.name}", f"-Wl,-rpath,{omp.parent}"]
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            if res.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd)} failed: {res.stderr.strip()[-400:]}")
+            os.replace(tmp, out)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return out
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    if lib.mtpl_abi_version() != ABI_VERSION:
+        raise RuntimeError(f"{path} has ABI {lib.mtpl_abi_version()}, expected {ABI_VERSION}")
+    f = lib.mtpl_linear
+    f.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                  ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+    f.restype = None
+    return lib
+
+
+def _self_check(lib: ctypes.CDLL) -> None:
+    """One product per path (full panels, a 16-wide tail, 1..5 rows, bias, threads) against F.linear."""
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(24 * 9 + 16, 40, generator=g), torch.randn(24 * 9 + 16, generator=g)
+    packed = pack(w)
+    for rows in (1, 2, 3, 4, 5):
+        x = torch.randn(rows, 40, generator=g)
+        got = _call(lib, x, packed, b, w.shape[0], 2)
+        want = F.linear(x.double(), w.double(), b.double()).float()
+        if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+            raise RuntimeError(f"self-check failed for {rows} rows: max error {float((got - want).abs().max()):.3g}")
+
+
+def kernel() -> ctypes.CDLL | None:
+    """The loaded kernel, or None where it cannot be used (``why_not()``). Built once per process."""
+    global _lib, _tried, _why_not
+    if _tried:
+        return _lib
+    _tried = True
+    if os.environ.get("MTP_LIGHTNING_NATIVE", "1") == "0":
+        _why_not = "disabled by MTP_LIGHTNING_NATIVE=0"
+        return None
+    if sys.platform != "linux" or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512", "AVX512_BF16"):
+        _why_not = f"needs Linux on an x86 CPU with AVX2 (this is {sys.platform}, {torch.backends.cpu.get_cpu_capability()})"
+        return None
+    cxx = _compiler()
+    if cxx is None:
+        _why_not = "no C++ compiler (set CXX, or install g++)"
+        return None
+    try:
+        lib = _load(_build(cxx, _torch_openmp()))
+        _self_check(lib)
+    except Exception as e:  # a speed path: fall back to the library products, and say why
+        _why_not = f"{type(e).__name__}: {e}"
+        return None
+    _lib, _why_not = lib, ""
+    return lib
+
+
+def why_not() -> str:
+    """Empty when the kernel is in use; otherwise why not."""
+    return _why_not
+
+
+def supports(out_features: int) -> bool:
+    return out_features % 8 == 0
+
+
+def pack(w: torch.Tensor) -> torch.Tensor:
+    """W (O, I) float32 -> the kernel's panel layout, flat (O * I,): panels of 24 output columns, each
+    (I, width) row-major, back to back; the last panel 8 or 16 wide."""
+    O, I = w.shape
+    assert O % 8 == 0, O
+    full = O // PANEL * PANEL
+    w = w.detach().float()
+    parts = [w[:full].reshape(-1, PANEL, I).transpose(1, 2).reshape(-1)]
+    if full < O:
+        parts.append(w[full:].t().reshape(-1))
+    return torch.cat(parts).contiguous()
+
+
+def _call(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int,
+          threads: int) -> torch.Tensor:
+    I = x.shape[-1]
+    x2 = x.reshape(-1, I).contiguous()
+    y = torch.empty(x2.shape[0], out_features, dtype=torch.float32)
+    lib.mtpl_linear(x2.data_ptr(), x2.shape[0], I, packed.data_ptr(),
+                    None if bias is None else bias.data_ptr(), y.data_ptr(), out_features, threads)
+    return y.view(*x.shape[:-1], out_features)
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """y = x W^T + bias through the kernel: x (..., I) float32 on the CPU, ``packed`` from ``pack(W)``,
+    bias (O,) contiguous float32 or None. Only call where ``kernel()`` is not None."""
+    return _call(_lib, x, packed, bias, out_features, torch.get_num_threads())

@@ -460,7 +460,8 @@ def test_callback_logs_acceptance_in_a_real_trainer(tmp_path, monkeypatch):
 
 
 def test_probability_space_verifier_and_draft_vectors_match_the_log_space_ones():
-    """Greedy decoding's verifier in probability space is exp of the log-space one (same argmax), and
+    """Greedy decoding's verifier in probability space is exp of the log-space one (same argmax), its
+    factors are the log-space ones weighted by the router (w_a P_a^(1), summing to the marginal), and
     the draft's stacked-offset product equals one product per offset."""
     model = tiny_model()
     model.eval()
@@ -470,7 +471,9 @@ def test_probability_space_verifier_and_draft_vectors_match_the_log_space_ones()
         lp, lf = model.verifier_and_factors(z, states, "marginal")
         p, pf = model.verifier_and_factors(z, states, "marginal", probs=True)
         torch.testing.assert_close(p, lp.exp(), rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(pf, lf.exp(), rtol=1e-5, atol=1e-7)
+        w = model.router_logw(z).exp()[..., None]  # (B, T, r, 1)
+        torch.testing.assert_close(pf, lf.exp() * w, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(pf.sum(-2), p, rtol=1e-5, atol=1e-7)
         assert torch.equal(p.argmax(-1), lp.argmax(-1))
         zt = [s[:, -1] for s in states]  # one position per row, as a draft sees it
         stacked = model.factor_logprobs(zt, range(1, model.n_future))

@@ -99,10 +99,11 @@ def draft(model, zt: torch.Tensor, st: list[torch.Tensor], lp1: torch.Tensor | N
     """ks draft tokens (B, ks) after c (B,), and their (warped) draft log-probs (B, ks, V) when sampling.
 
     ``lp1`` (B, r, V) are the offset-1 factors at this position when the verifier already built them
-    (the ``marginal`` verifier): probabilities when greedy, log-probs when sampling, as
-    ``verifier_and_factors`` gives them. Then only offsets 2..ks+1 are computed here. ``int8``: the
-    factors computed here come from int8 weight copies (``resolve_draft_precision``). ``k`` >= ks: the
-    generation's draft length; its factors are computed and the first ks used."""
+    (the ``marginal`` verifier), as ``verifier_and_factors`` gives them: log-probs when sampling, and
+    when greedy the router-weighted probabilities w_a P_a^(1), whose column c is the expert posterior
+    after c. Then only offsets 2..ks+1 are computed here. ``int8``: the factors computed here come from
+    int8 weight copies (``resolve_draft_precision``). ``k`` >= ks: the generation's draft length; its
+    factors are computed and the first ks used."""
     B = c.shape[0]
     k = ks if k is None else k
     if ks == 0:
@@ -114,11 +115,13 @@ def draft(model, zt: torch.Tensor, st: list[torch.Tensor], lp1: torch.Tensor | N
     if lp1 is None:
         lf = model.factor_logprobs(st, range(k + 1), probs=greedy, int8=int8)  # (B, k+1, r, V): offsets 1..k+1
         lp1, lf = lf[:, 0], lf[:, 1:ks + 1]
+        if greedy:  # weight by the router, as the verifier's factors come
+            lp1 = lp1 * model.router_logw(zt).exp()[..., None]
     else:
         lf = model.factor_logprobs(st, range(1, k + 1), probs=greedy, int8=int8)[:, :ks]  # (B, ks, r, V): offsets 2..ks+1
-    r = lf.shape[-2]
     if greedy:
-        return _greedy_chain(model.router_logw(zt).exp(), lp1, lf, c), None
+        return _greedy_chain(lp1, lf, c), None
+    r = lf.shape[-2]
 
     def pick(lp_s: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:  # (B, r, V), (B,) -> (B, r) log-probs
         return lp_s.gather(-1, tok.view(B, 1, 1).expand(B, r, 1)).squeeze(-1)
@@ -142,27 +145,28 @@ def draft(model, zt: torch.Tensor, st: list[torch.Tensor], lp1: torch.Tensor | N
     return torch.stack(tokens, 1), torch.stack(logqs, 1)  # (B, ks), (B, ks, V)
 
 
-def _greedy_chain(w: torch.Tensor, p1: torch.Tensor, P: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """Greedy drafts (B, ks) from router weights w (B, r), offset-1 factors p1 (B, r, V) and the draft
-    factors P (B, ks, r, V), all probabilities: pi ∝ w P^(1)(c), then d_s = argmax_x sum_a pi_a P_a^(s)(x)
-    and pi ← pi P^(s)(d_s), renormalised (no logs: a few small ops per draft)."""
+def _greedy_chain(joint1: torch.Tensor, P: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Greedy drafts (B, ks) from the router-weighted offset-1 factors joint1 = w_a P_a^(1) (B, r, V) and
+    the draft factors P (B, ks, r, V), all probabilities: pi ∝ w P^(1)(c), then d_s = argmax_x sum_a pi_a
+    P_a^(s)(x) and pi ← pi P^(s)(d_s), renormalised (no logs: a few small ops per draft)."""
     B, ks, r, _ = P.shape
     tiny = torch.finfo(P.dtype).tiny
 
     def pick(probs: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:  # (B, r, V), (B,) -> (B, r)
         # a probability that underflowed to 0 for every expert (possible only when the lm_head
         # verifier's token is far from all heads) must not zero the posterior
-        return probs.gather(-1, tok.view(B, 1, 1).expand(B, r, 1)).squeeze(-1).clamp_min(tiny)
+        return probs.gather(-1, tok.view(B, 1, 1).expand(B, r, 1)).view(B, r).clamp_min(tiny)
 
-    pi = w * pick(p1, c)  # (B, r)
-    tokens = []
+    pi = pick(joint1, c)[:, None]  # (B, 1, r)
+    tokens = torch.empty(B, ks, dtype=torch.long, device=c.device)
     for s in range(ks):
-        d = (pi[:, None, :] @ P[:, s]).squeeze(1).argmax(-1)  # (B,)
-        tokens.append(d)
+        Ps = P[:, s]  # (B, r, V)
+        d = torch.bmm(pi, Ps).argmax(-1).view(B)  # (B,)
+        tokens[:, s] = d
         if s < ks - 1:
-            pi = pi * pick(P[:, s], d)
+            pi = pi * pick(Ps, d)[:, None]
             pi = pi / pi.sum(-1, keepdim=True)
-    return torch.stack(tokens, 1)
+    return tokens
 
 
 def verify(logp: torch.Tensor, drafts: torch.Tensor, logq: torch.Tensor, allow: torch.Tensor | None,
@@ -281,7 +285,7 @@ def generate_speculative(model, prompts, max_new_tokens: int, *, pad_mask: torch
             # keep c's slot and the m accepted drafts' slots; the verifier token c is fed next step
             # one row: plain slices at an int position, no index tensors
             at, m = (slice(None), ms[0]) if B == 1 else (rows, torch.tensor(ms, device=device))
-            kept = cache.lengths - ks + m  # (B,)
+            kept = cache.lengths - (ks - m)  # (B,)
             cache.crop(kept if everyone else torch.where(alive_t, kept, 0))
             zt, st = _at(z, states, at, m, k + 1)
             lp1 = None if lp1 is None else lp1[at, m]  # (B, r, V)

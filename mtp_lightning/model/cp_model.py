@@ -137,22 +137,24 @@ class CPModel(nn.Module):
         (..., r, V) it is built from (None for ``lm_head``). Speculative decoding reuses them as the
         first factor of its next draft instead of recomputing them.
 
-        ``probs`` (greedy decoding, which needs only an argmax): both as probabilities instead, for
-        ``marginal``; the mixture is then a weighted sum, with no log-softmax or logaddexp over the
-        vocabulary. ``lm_head`` gives its log-probs either way. Both decoders use the same setting, so
-        their greedy tokens come from the same arithmetic."""
+        ``probs`` (greedy decoding, which needs only an argmax): probabilities instead, for ``marginal``,
+        and the factors come weighted by the router, w_a P_a^(1) (..., r, V), the joint of expert and
+        token: the marginal is their sum over a, and a greedy draft's expert posterior after token c is
+        their column c, so it needs no router call of its own. The mixture is then a weighted sum, with
+        no log-softmax or logaddexp over the vocabulary. ``lm_head`` gives its log-probs either way.
+        Both decoders use the same setting, so their greedy tokens come from the same arithmetic."""
         if verifier == "lm_head":
             return self.lm_logits(z).float().log_softmax(-1), None
         logw = self.router_logw(z)  # (..., r)
         f1 = self.factor_logprobs(states, range(1), probs)[..., 0, :, :]  # (..., r, V)
         if probs:
-            w = logw.exp()
+            joint = f1 * logw.exp()[..., None]  # (..., r, V)
             # elementwise over a few experts: a reduction over the short, strided expert axis costs
             # more on the CPU, and the result does not depend on how many positions are batched
-            out = f1[..., 0, :] * w[..., :1]
+            out = joint[..., 0, :]
             for a in range(1, self.rank):
-                out = out + f1[..., a, :] * w[..., a:a + 1]
-            return out, f1
+                out = out + joint[..., a, :]
+            return out, joint
         joint = logw[..., None] + f1  # (..., r, V)
         if self.rank > 4:
             return torch.logsumexp(joint, dim=-2), f1  # (..., V), (..., r, V)

@@ -113,11 +113,11 @@ class StubModel(nn.Module):
     def router_logw(self, z):
         return self.log_w.expand(*z.shape[:-1], self.rank)
 
-    def factor_logprobs(self, states, offsets, probs=False, int8=False):
+    def factor_logprobs(self, states, offsets, probs=False, int8=False, raw=False):
         x = states[0].argmax(-1)  # (...)
         per = [torch.stack([self._peaked(table[s](x)) for table in self.tables], -2) for s in offsets]
-        lp = torch.stack(per, -3)  # (..., k, r, V)
-        return lp.exp() if probs else lp
+        lp = torch.stack(per, -3)  # (..., k, r, V): log-probs, which are also valid raw logits
+        return lp.exp() if probs and not raw else lp
 
     def verifier_logprobs(self, z, states, verifier):
         return self._peaked((z.argmax(-1) + 1) % self.V)

@@ -49,7 +49,7 @@ import torch
 from mtp_lightning.decoding.autoregressive import Generation, prefill, prepare_prompts, sync
 from mtp_lightning.decoding.sampling import (GREEDY, Sampling, acceptance_prob, residual_logprobs, sample,
                                              warp_logprobs)
-from mtp_lightning.model import fastpath
+from mtp_lightning.model import fastpath, native
 
 DRAFT_PRECISIONS = ("auto", "full", "int8")
 
@@ -108,19 +108,14 @@ def draft(model, zt: torch.Tensor, st: list[torch.Tensor], lp1: torch.Tensor | N
     k = ks if k is None else k
     if ks == 0:
         return c.new_empty(B, 0), None
-    greedy = sampling.greedy
-    # greedy drafting needs only argmaxes: the factors stay probabilities (one softmax); sampling
-    # warps log-probs
+    if sampling.greedy:
+        return _greedy_draft(model, zt, st, lp1, c, ks, k, int8), None
     # factors for all k draft offsets even in a last, shorter step: one weight copy per generation
     if lp1 is None:
-        lf = model.factor_logprobs(st, range(k + 1), probs=greedy, int8=int8)  # (B, k+1, r, V): offsets 1..k+1
+        lf = model.factor_logprobs(st, range(k + 1), int8=int8)  # (B, k+1, r, V): offsets 1..k+1
         lp1, lf = lf[:, 0], lf[:, 1:ks + 1]
-        if greedy:  # weight by the router, as the verifier's factors come
-            lp1 = lp1 * model.router_logw(zt).exp()[..., None]
     else:
-        lf = model.factor_logprobs(st, range(1, k + 1), probs=greedy, int8=int8)[:, :ks]  # (B, ks, r, V): offsets 2..ks+1
-    if greedy:
-        return _greedy_chain(lp1, lf, c), None
+        lf = model.factor_logprobs(st, range(1, k + 1), int8=int8)[:, :ks]  # (B, ks, r, V): offsets 2..ks+1
     r = lf.shape[-2]
 
     def pick(lp_s: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:  # (B, r, V), (B,) -> (B, r) log-probs
@@ -145,28 +140,29 @@ def draft(model, zt: torch.Tensor, st: list[torch.Tensor], lp1: torch.Tensor | N
     return torch.stack(tokens, 1), torch.stack(logqs, 1)  # (B, ks), (B, ks, V)
 
 
-def _greedy_chain(joint1: torch.Tensor, P: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """Greedy drafts (B, ks) from the router-weighted offset-1 factors joint1 = w_a P_a^(1) (B, r, V) and
-    the draft factors P (B, ks, r, V), all probabilities: pi ∝ w P^(1)(c), then d_s = argmax_x sum_a pi_a
-    P_a^(s)(x) and pi ← pi P^(s)(d_s), renormalised (no logs: a few small ops per draft)."""
-    B, ks, r, _ = P.shape
-    tiny = torch.finfo(P.dtype).tiny
+def _greedy_draft(model, zt: torch.Tensor, st: list[torch.Tensor], joint1: torch.Tensor | None, c: torch.Tensor,
+                  ks: int, k: int, int8: bool) -> torch.Tensor:
+    """Greedy drafts (B, ks): the expert posterior after c, pi_a ∝ w_a P_a^(1)(c), then the chain
+    d_s = argmax_x sum_a pi_a P_a^(s)(x), pi ← pi P^(s)(d_s) (``native.reference_chain``).
 
-    def pick(probs: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:  # (B, r, V), (B,) -> (B, r)
-        # a probability that underflowed to 0 for every expert (possible only when the lm_head
-        # verifier's token is far from all heads) must not zero the posterior
-        return probs.gather(-1, tok.view(B, 1, 1).expand(B, r, 1)).view(B, r).clamp_min(tiny)
-
-    pi = pick(joint1, c)[:, None]  # (B, 1, r)
-    tokens = torch.empty(B, ks, dtype=torch.long, device=c.device)
-    for s in range(ks):
-        Ps = P[:, s]  # (B, r, V)
-        d = torch.bmm(pi, Ps).argmax(-1).view(B)  # (B,)
-        tokens[:, s] = d
-        if s < ks - 1:
-            pi = pi * pick(Ps, d)[:, None]
-            pi = pi / pi.sum(-1, keepdim=True)
-    return tokens
+    With the native kernel the draft logits go to it unnormalised: softmax, mixture and argmax in one
+    call instead of a softmax and a dozen small ops per draft. Without it, probabilities and torch ops.
+    ``joint1``: the verifier's router-weighted offset-1 factors w_a P_a^(1) (B, r, V), or None (the
+    ``lm_head`` verifier), when the draft computes offset 1 and the router itself. Factors for all k
+    offsets even in a last, shorter step (``ks`` < k): one weight copy per generation."""
+    B = c.shape[0]
+    r = model.rank
+    fused = native.chain_supports((ks, r, model.unembedding.shape[0]))
+    if joint1 is None:
+        lf = model.factor_logprobs(st, range(k + 1), probs=not fused, int8=int8, raw=fused)  # (B, k+1, r, V): offsets 1..k+1
+        f1 = lf[:, 0].softmax(-1) if fused else lf[:, 0]
+        joint1, lf = f1 * model.router_logw(zt).exp()[..., None], lf[:, 1:ks + 1]
+    else:
+        lf = model.factor_logprobs(st, range(1, k + 1), probs=not fused, int8=int8, raw=fused)[:, :ks]  # (B, ks, r, V)
+    # a probability that underflowed to 0 for every expert (possible only when the lm_head verifier's
+    # token is far from all heads) must not zero the posterior
+    pi = joint1.gather(-1, c.view(B, 1, 1).expand(B, r, 1)).view(B, r).clamp_min(torch.finfo(joint1.dtype).tiny)
+    return native.greedy_chain(lf, pi) if fused else native.reference_chain(lf, pi)
 
 
 def verify(logp: torch.Tensor, drafts: torch.Tensor, logq: torch.Tensor, allow: torch.Tensor | None,

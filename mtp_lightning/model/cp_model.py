@@ -104,14 +104,15 @@ class CPModel(nn.Module):
         return self.heads.router_logits(z).float().log_softmax(-1)
 
     def factor_logprobs(self, states: list[torch.Tensor], offsets: range, probs: bool = False,
-                        int8: bool = False) -> torch.Tensor:
+                        int8: bool = False, raw: bool = False) -> torch.Tensor:
         """log P_a^(s)(.) for the offsets asked, at the positions the states hold.
 
         states n x (..., D) -> (..., len(offsets), r, V) float32 log-probabilities (``probs``: the
         probabilities P_a^(s) themselves, one softmax instead of a log-softmax and an exp). One matmul.
         ``int8`` (speculative drafts only, never the verifier): the factor maps and the unembedding
         through int8 weight copies while decoding on the CPU (``fastpath.project_int8``), which read a
-        quarter of the bytes; the factors are then approximate.
+        quarter of the bytes; the factors are then approximate. ``raw``: the logits U h, unnormalised
+        (the native greedy draft chain normalises them itself).
         """
         first, count = offsets.start, len(offsets)
         if first >= 1 and count > 1 and self.heads.kind != "block":  # draft offsets of one shared state
@@ -120,6 +121,8 @@ class CPModel(nn.Module):
             h = torch.stack([self.heads.expert_vectors(states[s], s, int8=int8) for s in offsets], dim=-3)  # (..., k, r, D)
         project = fastpath.project_int8 if int8 else fastpath.project
         logits = project(h, self.unembedding).float()  # (..., k, r, V)
+        if raw:
+            return logits
         return logits.softmax(-1) if probs else logits.log_softmax(-1)
 
     def verifier_logprobs(self, z: torch.Tensor, states: list[torch.Tensor], verifier: str) -> torch.Tensor:

@@ -22,6 +22,7 @@
 // second one.
 
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #if defined(_OPENMP)
 #include <omp.h>
@@ -114,7 +115,7 @@ void chunk(const float* x, int64_t M, int64_t I, const float* wp, const float* b
 extern "C" {
 
 // The ABI version ``native.py`` checks before it uses a build.
-int mtpl_abi_version() { return 1; }
+int mtpl_abi_version() { return 2; }
 
 // y (M, O) = x (M, I) W^T + bias (nullable), W packed as described above; all arrays contiguous float32.
 // The panels are shared out over ``threads`` threads in contiguous runs, aligned to 4 panels so that
@@ -138,6 +139,112 @@ void mtpl_linear(const float* x, int64_t M, int64_t I, const float* wp, const fl
 #else
     chunk(x, M, I, wp, bias, y, O, 0, panels);
 #endif
+}
+
+}  // extern "C"
+
+// ---- greedy drafts from rank-r CP factors --------------------------------------------------------
+//
+// A greedy speculative draft (METHOD.md §3) from the draft logits z (ks, r, V) of one position and the
+// expert posterior pi (r) after the last emitted token: for s = 0..ks-1,
+//     d_s = argmax_x sum_a pi_a softmax(z[s, a])(x),   then pi_a <- pi_a softmax(z[s, a])(d_s), renormalised.
+// A draft only proposes tokens (the verifier decides what is emitted), so the exponential here is a
+// fast polynomial one (relative error about 2e-7 on the reduced range) rather than libm's.
+
+namespace {
+
+// e^x for 8 floats: x = n ln2 + t, |t| <= ln2 / 2, e^t by a degree-6 Taylor polynomial, 2^n through the
+// exponent bits. Inputs below -87 give 0 (they are x - max of a softmax row, so the result underflows).
+inline __m256 exp8(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.0f);
+    const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_max_ps(x, lo);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    // t = x - n ln2, with ln2 split in two for precision
+    __m256 t = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    t = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), t);
+    __m256 p = _mm256_set1_ps(1.0f / 720);
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+inline float hmax8(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+}
+
+inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+}  // namespace
+
+// One row: z (ks, r, V) float32 logits, overwritten with exp(z - rowmax); pi (r) the unnormalised
+// posterior (non-negative, overwritten); tokens (ks) int64 out. Ties go to the lowest index, as
+// torch.argmax does.
+static void greedy_chain_row(float* z, int64_t ks, int64_t r, int64_t V, float* pi, int64_t* tokens) {
+    float inv[1024];  // 1 / sum of exp per (s, a) row
+    for (int64_t row = 0; row < ks * r; ++row) {
+        float* zr = z + row * V;
+        __m256 mx = _mm256_set1_ps(-INFINITY);
+        for (int64_t i = 0; i < V; i += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(zr + i));
+        const __m256 m = _mm256_set1_ps(hmax8(mx));
+        __m256 sum = _mm256_setzero_ps();
+        for (int64_t i = 0; i < V; i += 8) {
+            const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(zr + i), m));
+            _mm256_storeu_ps(zr + i, e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        inv[row] = 1.0f / hsum8(sum);
+    }
+    const float tiny = 1.17549435e-38f;
+    for (int64_t s = 0; s < ks; ++s) {
+        float total = 0;
+        for (int64_t a = 0; a < r; ++a) total += pi[a];
+        float coef[16] = {0};
+        for (int64_t a = 0; a < r; ++a) coef[a] = (total > 0 ? pi[a] / total : 1.0f / r) * inv[s * r + a];
+        const float* zs = z + s * r * V;
+        float best = -1.0f;
+        int64_t arg = 0;
+        for (int64_t i = 0; i < V; i += 8) {
+            __m256 q = _mm256_mul_ps(_mm256_set1_ps(coef[0]), _mm256_loadu_ps(zs + i));
+            for (int64_t a = 1; a < r; ++a) q = _mm256_fmadd_ps(_mm256_set1_ps(coef[a]), _mm256_loadu_ps(zs + a * V + i), q);
+            if (hmax8(q) > best) {  // rare after the first blocks: find the lane only then
+                float lanes[8];
+                _mm256_storeu_ps(lanes, q);
+                for (int j = 0; j < 8; ++j)
+                    if (lanes[j] > best) { best = lanes[j]; arg = i + j; }
+            }
+        }
+        tokens[s] = arg;
+        for (int64_t a = 0; a < r; ++a) {
+            const float p = zs[a * V + arg] * inv[s * r + a];
+            pi[a] = (total > 0 ? pi[a] / total : 1.0f / r) * (p > tiny ? p : tiny);
+        }
+    }
+}
+
+
+extern "C" {
+
+// B rows of ``greedy_chain_row``: z (B, ks, r, V), pi (B, r), tokens (B, ks); V a multiple of 8,
+// r <= 16, ks * r <= 1024. Returns 0, or -1 for sizes it does not take (nothing is written then).
+int mtpl_greedy_chain(float* z, int64_t B, int64_t ks, int64_t r, int64_t V, float* pi, int64_t* tokens) {
+    if (V % 8 != 0 || r < 1 || r > 16 || ks < 1 || ks * r > 1024) return -1;
+    for (int64_t b = 0; b < B; ++b) greedy_chain_row(z + b * ks * r * V, ks, r, V, pi + b * r, tokens + b * ks);
+    return 0;
 }
 
 }  // extern "C"

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 SOURCE = Path(__file__).with_name("fewrow.cpp")
-ABI_VERSION = 1
+ABI_VERSION = 2
 PANEL = 24
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fPIC", "-shared", "-fno-math-errno", "-std=c++17"]
 
@@ -100,6 +100,10 @@ def _load(path: Path) -> ctypes.CDLL:
     f.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     f.restype = None
+    g = lib.mtpl_greedy_chain
+    g.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                  ctypes.c_void_p]
+    g.restype = ctypes.c_int
     return lib
 
 
@@ -114,6 +118,17 @@ def _self_check(lib: ctypes.CDLL) -> None:
         want = F.linear(x.double(), w.double(), b.double()).float()
         if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
             raise RuntimeError(f"self-check failed for {rows} rows: max error {float((got - want).abs().max()):.3g}")
+
+
+def _check_chain(lib: ctypes.CDLL) -> None:
+    """The greedy draft chain against ``reference_chain`` on random logits (well separated: no ties)."""
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(2, 3, 4, 64, generator=g) * 4
+    pi = torch.rand(2, 4, generator=g) + 0.1
+    got = _chain(lib, z.clone(), pi.clone())
+    want = reference_chain(z.softmax(-1), pi)
+    if not torch.equal(got, want):
+        raise RuntimeError(f"self-check of the draft chain failed: {got.tolist()} against {want.tolist()}")
 
 
 def kernel() -> ctypes.CDLL | None:
@@ -135,6 +150,7 @@ def kernel() -> ctypes.CDLL | None:
     try:
         lib = _load(_build(cxx, _torch_openmp()))
         _self_check(lib)
+        _check_chain(lib)
     except Exception as e:  # a speed path: fall back to the library products, and say why
         _why_not = f"{type(e).__name__}: {e}"
         return None
@@ -178,3 +194,43 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out
     """y = x W^T + bias through the kernel: x (..., I) float32 on the CPU, ``packed`` from ``pack(W)``,
     bias (O,) contiguous float32 or None. Only call where ``kernel()`` is not None."""
     return _call(_lib, x, packed, bias, out_features, torch.get_num_threads())
+
+
+def reference_chain(P: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
+    """The greedy draft chain in torch: factor probabilities P (B, ks, r, V) and the expert posterior pi
+    (B, r) after the last emitted token -> drafts (B, ks): d_s = argmax_x sum_a pi_a P_a^(s)(x), then
+    pi <- pi P^(s)(d_s), renormalised. What ``greedy_chain`` computes, and the decoders' fallback."""
+    B, ks, r, _ = P.shape
+    tiny = torch.finfo(P.dtype).tiny
+    pi = pi[:, None, :]  # (B, 1, r)
+    tokens = torch.empty(B, ks, dtype=torch.long, device=P.device)
+    for s in range(ks):
+        Ps = P[:, s]  # (B, r, V)
+        d = torch.bmm(pi, Ps).argmax(-1).view(B)  # (B,)
+        tokens[:, s] = d
+        if s < ks - 1:
+            # a probability that underflowed to 0 for every expert must not zero the posterior
+            pi = pi * Ps.gather(-1, d.view(B, 1, 1).expand(B, r, 1)).view(B, 1, r).clamp_min(tiny)
+            pi = pi / pi.sum(-1, keepdim=True)
+    return tokens
+
+
+def _chain(lib: ctypes.CDLL, logits: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
+    B, ks, r, V = logits.shape
+    tokens = torch.empty(B, ks, dtype=torch.long)
+    if lib.mtpl_greedy_chain(logits.data_ptr(), B, ks, r, V, pi.data_ptr(), tokens.data_ptr()) != 0:
+        raise ValueError(f"greedy_chain does not take logits of shape {tuple(logits.shape)}")
+    return tokens
+
+
+def chain_supports(logits_shape: tuple[int, ...]) -> bool:
+    *_, ks, r, V = logits_shape
+    return _lib is not None and V % 8 == 0 and 1 <= r <= 16 and 1 <= ks and ks * r <= 1024
+
+
+def greedy_chain(logits: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
+    """``reference_chain(logits.softmax(-1), pi)`` in one call: draft logits (B, ks, r, V) and the
+    posterior pi (B, r) -> drafts (B, ks). The softmax uses a fast polynomial exponential, so on a near
+    tie a draft may differ from the torch chain's; drafts only propose, the verifier decides. Only where
+    ``chain_supports(logits.shape)``. ``logits`` is scratch: a contiguous float32 one is overwritten."""
+    return _chain(_lib, logits.float().contiguous(), pi.float().contiguous().clone())

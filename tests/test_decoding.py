@@ -231,7 +231,7 @@ def test_greedy_parity_with_full_precision_drafts():
 
 def test_draft_precision_is_resolved_and_refused_where_unavailable():
     assert resolve_draft_precision("full", "cpu") is False
-    assert resolve_draft_precision("auto", "cpu") is fastpath.INT8
+    assert resolve_draft_precision("auto", "cpu") is fastpath.int8_available()
     assert resolve_draft_precision("auto", "cuda") is False  # int8 drafts are a CPU path
     with pytest.raises(ValueError, match="draft_precision=int8 needs the CPU"):
         resolve_draft_precision("int8", "cuda")

@@ -76,8 +76,8 @@ def test_project_outside_decoding_keeps_autograd_for_a_stacked_slice():
 
 
 @pytest.mark.skipif(not fastpath.INT8, reason="this torch build has no fbgemm int8 engine")
-def test_int8_copy_is_close_but_not_exact_and_scoped():
-    """``project_int8`` (drafts only): within 3% of F.linear in relative norm, for a plain weight and a
+def test_int8_copy_is_close_but_not_exact_and_scoped(library_paths):
+    """Without the kernel, ``project_int8`` (drafts only) is fbgemm's: within 3% of F.linear in relative norm, for a plain weight and a
     stacked slice, yet not equal to it (the int8 copy is really used); one row and many; outside
     decoding() or with autograd on it is the exact plain product."""
     torch.manual_seed(2)
@@ -206,3 +206,28 @@ def test_native_draft_chain_matches_the_torch_chain(B, ks, r, V):
         # the scratch now holds exp(z - rowmax): check the exponential itself
         torch.testing.assert_close(scratch, (z - z.amax(-1, keepdim=True)).exp(), rtol=1e-6, atol=1e-30)
     assert not native.chain_supports((3, 4, 4100)) and not native.chain_supports((3, 17, 64))
+
+
+@pytest.mark.skipif(not CAN_BUILD, reason="no AVX2 or no C++ compiler here")
+def test_native_int8_product_is_exact_for_the_dequantized_weight():
+    """The kernel's int8 product (drafts): equal, up to float32 rounding, to x times the dequantized
+    weight Wq * scale (only the weight is quantized), within 2% of F.linear and not equal to it, for a
+    plain weight and a stacked slice, 1 to NATIVE_MAX_ROWS rows; the copies are int8 and scoped."""
+    torch.manual_seed(4)
+    w = torch.randn(296, 64) * torch.rand(296, 1)  # rows of different scales: one scale per row matters
+    stacked = torch.randn(3, 2, 16, 64)
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    with torch.no_grad(), fastpath.decoding():
+        for rows in (1, 3, 12, fastpath.NATIVE_MAX_ROWS):
+            x = torch.randn(rows, 64)
+            got = fastpath.project_int8(x, w)
+            torch.testing.assert_close(got.double(), F.linear(x.double(), native.dequantize_q8(w).double()),
+                                       rtol=1e-5, atol=1e-5)
+            assert 0 < rel(got, F.linear(x, w)) < 0.02
+            got = fastpath.project_int8(x, stacked, slice(1, 3))
+            flat = stacked[1:3].reshape(-1, 64)
+            torch.testing.assert_close(got.double(), (x.double() @ native.dequantize_q8(flat).double().t()),
+                                       rtol=1e-5, atol=1e-5)
+        copies = [c for _, _, cs in fastpath._copies.values() for (kind, _), c in cs.items() if kind == "n8"]
+        assert len(copies) == 2 and all(c[0].dtype == torch.int8 for c in copies)
+    assert len(fastpath._copies) == 0

@@ -80,16 +80,18 @@ def resolve_draft_len(model, draft_len: int) -> int:
 def resolve_draft_precision(precision: str, device: torch.device | str) -> bool:
     """``draft_precision`` -> whether drafts go through int8 weight copies.
 
-    ``auto``: int8 where it is available (the CPU with fbgemm's kernels), full precision elsewhere;
+    ``auto``: int8 where it is available (the CPU, with the native kernel or fbgemm's), full precision
+    elsewhere;
     ``full``: never; ``int8``: always, refused where it is not available. Only the draft changes: the
     verifier stays in full precision, so greedy output is the same token for token and sampled output
     keeps the verifier's distribution (``fastpath`` explains why)."""
     if precision not in DRAFT_PRECISIONS:
         raise ValueError(f"draft_precision={precision!r} is not one of {', '.join(DRAFT_PRECISIONS)}")
-    available = fastpath.INT8 and torch.device(device).type == "cpu"
+    available = torch.device(device).type == "cpu" and fastpath.int8_available()
     if precision == "int8" and not available:
-        raise ValueError(f"draft_precision=int8 needs the CPU with fbgemm's int8 kernels (quantized engine "
-                         f"{torch.backends.quantized.engine!r}, device {torch.device(device).type}); use auto or full")
+        raise ValueError(f"draft_precision=int8 needs the CPU with an int8 kernel, this project's or fbgemm's "
+                         f"(device {torch.device(device).type}, native kernel: {native.why_not() or 'ok'}, "
+                         f"quantized engine {torch.backends.quantized.engine!r}); use auto or full")
     return precision == "int8" or (precision == "auto" and available)
 
 

@@ -96,6 +96,8 @@ def _copy(weight: torch.Tensor, index, kind: str) -> torch.Tensor | None:
             c = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None)
         elif kind == "fr":  # None: a width the kernel does not take (not a multiple of 8)
             c = native.pack(w) if native.supports(w.shape[0]) else None
+        elif kind == "n8":  # the kernel's int8 copy and its scales, or None as for "fr"
+            c = native.pack_q8(w) if native.supports(w.shape[0]) else None
         else:
             c = _pack_int8(w)
     hit[2][slot] = c
@@ -145,12 +147,25 @@ def project(x: torch.Tensor, weight: torch.Tensor, index=None, bias: torch.Tenso
 
 
 def project_int8(x: torch.Tensor, weight: torch.Tensor, index=None) -> torch.Tensor:
-    """``project`` through an int8 copy of the weight where ``INT8`` and ``applies(x)``: approximate
-    (about 1-2% relative error in the output), for speculative drafts only. Elsewhere ``project``."""
-    if not (INT8 and applies(x)) or x.dtype != torch.float32 or weight.dtype != torch.float32:
+    """``project`` through an int8 copy of the weight where ``applies(x)``: approximate (about 1-2%
+    relative error in the output), for speculative drafts only. The kernel's int8 product
+    (``native.linear_q8``: int8 weight, float32 activations and sums) where it takes the shape, else
+    fbgemm's dynamic linear (``INT8``), else ``project``."""
+    if not applies(x) or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return project(x, weight, index)
+    if native._lib is not None and x.numel() <= NATIVE_MAX_ROWS * x.shape[-1]:
+        packed = _copy(weight, index, "n8")
+        if packed is not None:
+            return native.linear_q8(x, packed, packed[1].numel())
+    if not INT8:
         return project(x, weight, index)
     y = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]), _copy(weight, index, "q8"), True)
     return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def int8_available() -> bool:
+    """Whether ``project_int8`` really runs in int8 here (the kernel, or fbgemm's engine)."""
+    return native.kernel() is not None or INT8
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

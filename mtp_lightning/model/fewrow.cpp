@@ -32,11 +32,18 @@ namespace {
 
 constexpr int kPanel = 24;
 
+// 8 weights as floats: float32 as they are, int8 widened (its scale is applied once, at the end)
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
 // NP consecutive panels of width 8*J each (J = 3 for full panels; a tail panel has NP = 1 and J < 3)
-// for M <= 4 rows. At most 12 accumulators: M * NP * J <= 12. A is the accumulator count.
-template <int M, int NP, int J>
-inline void block(const float* __restrict x, int64_t I, const float* __restrict w, int64_t panel_stride,
-                  const float* __restrict bias, float* __restrict y, int64_t O) {
+// for M <= 4 rows. At most 12 accumulators: M * NP * J <= 12. T is float (a float32 weight) or int8_t
+// (an int8 weight whose per-column scale multiplies the sums).
+template <typename T, int M, int NP, int J>
+inline void block(const float* __restrict x, int64_t I, const T* __restrict w, int64_t panel_stride,
+                  const float* __restrict scale, const float* __restrict bias, float* __restrict y, int64_t O) {
     static_assert(M * NP * J <= 12, "too many accumulators for 16 ymm registers");
     constexpr int C = NP * J;  // vectors per row
     __m256 acc[M * C];
@@ -45,7 +52,7 @@ inline void block(const float* __restrict x, int64_t I, const float* __restrict 
     for (int64_t k = 0; k < I; ++k) {
         __m256 wv[C];
 #pragma GCC unroll 12
-        for (int c = 0; c < C; ++c) wv[c] = _mm256_loadu_ps(w + (c / J) * panel_stride + k * (8 * J) + 8 * (c % J));
+        for (int c = 0; c < C; ++c) wv[c] = load8(w + (c / J) * panel_stride + k * (8 * J) + 8 * (c % J));
 #pragma GCC unroll 4
         for (int m = 0; m < M; ++m) {
             const __m256 xb = _mm256_broadcast_ss(x + m * I + k);
@@ -59,6 +66,7 @@ inline void block(const float* __restrict x, int64_t I, const float* __restrict 
         for (int c = 0; c < C; ++c) {
             const int64_t col = (c / J) * kPanel + 8 * (c % J);
             __m256 r = acc[m * C + c];
+            if (scale) r = _mm256_mul_ps(r, _mm256_loadu_ps(scale + col));
             if (bias) r = _mm256_add_ps(r, _mm256_loadu_ps(bias + col));
             _mm256_storeu_ps(y + m * O + col, r);
         }
@@ -66,65 +74,63 @@ inline void block(const float* __restrict x, int64_t I, const float* __restrict 
 }
 
 // Rows [0, M) (M <= 4) against panels [p0, p1) (all full) with NP panels per pass, then single panels.
-template <int M, int NP>
-inline void full_panels(const float* x, int64_t I, const float* wp, const float* bias, float* y, int64_t O,
-                        int64_t p0, int64_t p1) {
+template <typename T, int M, int NP>
+inline void full_panels(const float* x, int64_t I, const T* wp, const float* scale, const float* bias, float* y,
+                        int64_t O, int64_t p0, int64_t p1) {
     const int64_t stride = static_cast<int64_t>(kPanel) * I;
     int64_t p = p0;
     for (; p + NP <= p1; p += NP)
-        block<M, NP, 3>(x, I, wp + p * stride, stride, bias ? bias + p * kPanel : nullptr, y + p * kPanel, O);
+        block<T, M, NP, 3>(x, I, wp + p * stride, stride, scale ? scale + p * kPanel : nullptr,
+                           bias ? bias + p * kPanel : nullptr, y + p * kPanel, O);
     for (; p < p1; ++p)
-        block<M, 1, 3>(x, I, wp + p * stride, stride, bias ? bias + p * kPanel : nullptr, y + p * kPanel, O);
+        block<T, M, 1, 3>(x, I, wp + p * stride, stride, scale ? scale + p * kPanel : nullptr,
+                          bias ? bias + p * kPanel : nullptr, y + p * kPanel, O);
 }
 
-template <int M>
-void rows(const float* x, int64_t I, const float* wp, const float* bias, float* y, int64_t O, int64_t p0, int64_t p1) {
+template <typename T, int M>
+void rows(const float* x, int64_t I, const T* wp, const float* scale, const float* bias, float* y, int64_t O,
+          int64_t p0, int64_t p1) {
     // the widest pass that fits 12 accumulators: 4 panels for one row, 2 for two, 1 for three or four
     constexpr int NP = M == 1 ? 4 : M == 2 ? 2 : 1;
     const int64_t full = O / kPanel;
-    full_panels<M, NP>(x, I, wp, bias, y, O, p0, p1 < full ? p1 : full);
+    full_panels<T, M, NP>(x, I, wp, scale, bias, y, O, p0, p1 < full ? p1 : full);
     if (p1 > full) {  // the tail panel, 8 or 16 wide
         const int64_t col = full * kPanel;
-        const float* w = wp + col * I;
+        const T* w = wp + col * I;
+        const float* s = scale ? scale + col : nullptr;
         const float* b = bias ? bias + col : nullptr;
-        if (O - col == 16) block<M, 1, 2>(x, I, w, 0, b, y + col, O);
-        else block<M, 1, 1>(x, I, w, 0, b, y + col, O);
+        if (O - col == 16) block<T, M, 1, 2>(x, I, w, 0, s, b, y + col, O);
+        else block<T, M, 1, 1>(x, I, w, 0, s, b, y + col, O);
     }
 }
 
-// Rows [0, M) against panels [p0, p1). The panels go in runs of 4 (96 KB of weight for 256 inputs), and
-// every group of 4 rows passes over a run before the next run is read, so a weight is read from memory
-// once per call however many rows there are; the other row groups find the run in cache.
-void chunk(const float* x, int64_t M, int64_t I, const float* wp, const float* bias, float* y, int64_t O,
-           int64_t p0, int64_t p1) {
+// Rows [0, M) against panels [p0, p1). The panels go in runs of 4 (96 KB of float32 weight for 256
+// inputs), and every group of 4 rows passes over a run before the next run is read, so a weight is read
+// from memory once per call however many rows there are; the other row groups find the run in cache.
+template <typename T>
+void chunk(const float* x, int64_t M, int64_t I, const T* wp, const float* scale, const float* bias, float* y,
+           int64_t O, int64_t p0, int64_t p1) {
     for (int64_t q0 = p0; q0 < p1; q0 += 4) {
         const int64_t q1 = q0 + 4 < p1 ? q0 + 4 : p1;
         int64_t m = 0;
-        for (; m + 4 <= M; m += 4) rows<4>(x + m * I, I, wp, bias, y + m * O, O, q0, q1);
+        for (; m + 4 <= M; m += 4) rows<T, 4>(x + m * I, I, wp, scale, bias, y + m * O, O, q0, q1);
         switch (M - m) {
-            case 3: rows<3>(x + m * I, I, wp, bias, y + m * O, O, q0, q1); break;
-            case 2: rows<2>(x + m * I, I, wp, bias, y + m * O, O, q0, q1); break;
-            case 1: rows<1>(x + m * I, I, wp, bias, y + m * O, O, q0, q1); break;
+            case 3: rows<T, 3>(x + m * I, I, wp, scale, bias, y + m * O, O, q0, q1); break;
+            case 2: rows<T, 2>(x + m * I, I, wp, scale, bias, y + m * O, O, q0, q1); break;
+            case 1: rows<T, 1>(x + m * I, I, wp, scale, bias, y + m * O, O, q0, q1); break;
             default: break;
         }
     }
 }
 
-}  // namespace
-
-extern "C" {
-
-// The ABI version ``native.py`` checks before it uses a build.
-int mtpl_abi_version() { return 2; }
-
-// y (M, O) = x (M, I) W^T + bias (nullable), W packed as described above; all arrays contiguous float32.
-// The panels are shared out over ``threads`` threads in contiguous runs, aligned to 4 panels so that
-// one-row passes stay 4 panels wide.
-void mtpl_linear(const float* x, int64_t M, int64_t I, const float* wp, const float* bias, float* y, int64_t O,
-                 int threads) {
+// The panels shared out over ``threads`` threads in contiguous runs, aligned to 4 panels so that one-row
+// passes stay 4 panels wide.
+template <typename T>
+void linear(const float* x, int64_t M, int64_t I, const T* wp, const float* scale, const float* bias, float* y,
+            int64_t O, int threads) {
     const int64_t panels = (O + kPanel - 1) / kPanel;
     if (threads <= 1 || panels < 8) {
-        chunk(x, M, I, wp, bias, y, O, 0, panels);
+        chunk<T>(x, M, I, wp, scale, bias, y, O, 0, panels);
         return;
     }
 #if defined(_OPENMP)
@@ -134,11 +140,31 @@ void mtpl_linear(const float* x, int64_t M, int64_t I, const float* wp, const fl
         const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
         const int64_t g0 = groups * t / n, g1 = groups * (t + 1) / n;
         const int64_t p0 = g0 * 4, p1 = g1 * 4 < panels ? g1 * 4 : panels;
-        if (p0 < p1) chunk(x, M, I, wp, bias, y, O, p0, p1);
+        if (p0 < p1) chunk<T>(x, M, I, wp, scale, bias, y, O, p0, p1);
     }
 #else
-    chunk(x, M, I, wp, bias, y, O, 0, panels);
+    chunk<T>(x, M, I, wp, scale, bias, y, O, 0, panels);
 #endif
+}
+
+}  // namespace
+
+extern "C" {
+
+// The ABI version ``native.py`` checks before it uses a build.
+int mtpl_abi_version() { return 3; }
+
+// y (M, O) = x (M, I) W^T + bias (nullable), W packed as described above; all arrays contiguous float32.
+void mtpl_linear(const float* x, int64_t M, int64_t I, const float* wp, const float* bias, float* y, int64_t O,
+                 int threads) {
+    linear<float>(x, M, I, wp, nullptr, bias, y, O, threads);
+}
+
+// The same with an int8 weight in the same panel layout and one float32 scale per output column:
+// y = (x Wq^T) * scale + bias, the sums in float32 (only the weight is quantized, not x).
+void mtpl_linear_q8(const float* x, int64_t M, int64_t I, const int8_t* wp, const float* scale, const float* bias,
+                    float* y, int64_t O, int threads) {
+    linear<int8_t>(x, M, I, wp, scale, bias, y, O, threads);
 }
 
 }  // extern "C"

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 SOURCE = Path(__file__).with_name("fewrow.cpp")
-ABI_VERSION = 2
+ABI_VERSION = 3
 PANEL = 24
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fPIC", "-shared", "-fno-math-errno", "-std=c++17"]
 
@@ -100,6 +100,10 @@ def _load(path: Path) -> ctypes.CDLL:
     f.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     f.restype = None
+    q = lib.mtpl_linear_q8
+    q.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                  ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+    q.restype = None
     g = lib.mtpl_greedy_chain
     g.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                   ctypes.c_void_p]
@@ -118,6 +122,11 @@ def _self_check(lib: ctypes.CDLL) -> None:
         want = F.linear(x.double(), w.double(), b.double()).float()
         if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
             raise RuntimeError(f"self-check failed for {rows} rows: max error {float((got - want).abs().max()):.3g}")
+        q, scale = pack_q8(w)
+        got = _call_q8(lib, x, q, scale, b, w.shape[0], 2)
+        want = F.linear(x.double(), dequantize_q8(w).double(), b.double()).float()
+        if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+            raise RuntimeError(f"int8 self-check failed for {rows} rows: max error {float((got - want).abs().max()):.3g}")
 
 
 def _check_chain(lib: ctypes.CDLL) -> None:
@@ -168,16 +177,35 @@ def supports(out_features: int) -> bool:
 
 
 def pack(w: torch.Tensor) -> torch.Tensor:
-    """W (O, I) float32 -> the kernel's panel layout, flat (O * I,): panels of 24 output columns, each
+    """W (O, I) float32 (or int8) -> the kernel's panel layout, flat (O * I,): panels of 24 output columns, each
     (I, width) row-major, back to back; the last panel 8 or 16 wide."""
     O, I = w.shape
     assert O % 8 == 0, O
     full = O // PANEL * PANEL
-    w = w.detach().float()
+    w = w.detach() if w.dtype == torch.int8 else w.detach().float()
     parts = [w[:full].reshape(-1, PANEL, I).transpose(1, 2).reshape(-1)]
     if full < O:
         parts.append(w[full:].t().reshape(-1))
     return torch.cat(parts).contiguous()
+
+
+def quantize_q8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W (O, I) -> int8 Wq (O, I) and one float32 scale per output row, symmetric: W ≈ Wq * scale[:, None]."""
+    w = w.detach().float()
+    scale = (w.abs().amax(1) / 127).clamp_min(1e-12)
+    return (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
+
+
+def dequantize_q8(w: torch.Tensor) -> torch.Tensor:
+    """The float32 weight the int8 product really multiplies by: Wq * scale."""
+    q, scale = quantize_q8(w)
+    return q.float() * scale[:, None]
+
+
+def pack_q8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W (O, I) -> (the int8 weight in ``pack``'s panel layout, flat; the scales (O,))."""
+    q, scale = quantize_q8(w)
+    return pack(q), scale.contiguous()
 
 
 def _call(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int,
@@ -188,6 +216,22 @@ def _call(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, bias: torch.T
     lib.mtpl_linear(x2.data_ptr(), x2.shape[0], I, packed.data_ptr(),
                     None if bias is None else bias.data_ptr(), y.data_ptr(), out_features, threads)
     return y.view(*x.shape[:-1], out_features)
+
+
+def _call_q8(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+             out_features: int, threads: int) -> torch.Tensor:
+    I = x.shape[-1]
+    x2 = x.reshape(-1, I).contiguous()
+    y = torch.empty(x2.shape[0], out_features, dtype=torch.float32)
+    lib.mtpl_linear_q8(x2.data_ptr(), x2.shape[0], I, packed.data_ptr(), scale.data_ptr(),
+                       None if bias is None else bias.data_ptr(), y.data_ptr(), out_features, threads)
+    return y.view(*x.shape[:-1], out_features)
+
+
+def linear_q8(x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor], out_features: int) -> torch.Tensor:
+    """y = x (Wq * scale)^T through the kernel, ``packed`` from ``pack_q8(W)``: only the weight is
+    quantized (x stays float32), so y is exact for the dequantized weight up to float32 rounding."""
+    return _call_q8(_lib, x, packed[0], packed[1], None, out_features, torch.get_num_threads())
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:

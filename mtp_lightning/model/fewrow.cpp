@@ -43,13 +43,19 @@ inline __m256 load8(const int8_t* p) {
 // (an int8 weight whose per-column scale multiplies the sums).
 template <typename T, int M, int NP, int J>
 inline void block(const float* __restrict x, int64_t I, const T* __restrict w, int64_t panel_stride,
-                  const float* __restrict scale, const float* __restrict bias, float* __restrict y, int64_t O) {
+                  const float* __restrict scale, const float* __restrict bias, float* __restrict y, int64_t O,
+                  const T* pf) {
     static_assert(M * NP * J <= 12, "too many accumulators for 16 ymm registers");
     constexpr int C = NP * J;  // vectors per row
     __m256 acc[M * C];
 #pragma GCC unroll 12
     for (int a = 0; a < M * C; ++a) acc[a] = _mm256_setzero_ps();
     for (int64_t k = 0; k < I; ++k) {
+        if (pf) {  // the weight the next pass will read, requested while this one computes
+#pragma GCC unroll 4
+            for (int p = 0; p < NP; ++p)
+                _mm_prefetch(reinterpret_cast<const char*>(pf + p * panel_stride + k * (8 * J)), _MM_HINT_T0);
+        }
         __m256 wv[C];
 #pragma GCC unroll 12
         for (int c = 0; c < C; ++c) wv[c] = load8(w + (c / J) * panel_stride + k * (8 * J) + 8 * (c % J));
@@ -74,33 +80,36 @@ inline void block(const float* __restrict x, int64_t I, const T* __restrict w, i
 }
 
 // Rows [0, M) (M <= 4) against panels [p0, p1) (all full) with NP panels per pass, then single panels.
+// ``pf`` (or null): prefetch the weight 4 panels ahead of each one read, up to panel ``pf_end``.
 template <typename T, int M, int NP>
 inline void full_panels(const float* x, int64_t I, const T* wp, const float* scale, const float* bias, float* y,
-                        int64_t O, int64_t p0, int64_t p1) {
+                        int64_t O, int64_t p0, int64_t p1, bool pf, int64_t pf_end) {
     const int64_t stride = static_cast<int64_t>(kPanel) * I;
     int64_t p = p0;
     for (; p + NP <= p1; p += NP)
         block<T, M, NP, 3>(x, I, wp + p * stride, stride, scale ? scale + p * kPanel : nullptr,
-                           bias ? bias + p * kPanel : nullptr, y + p * kPanel, O);
+                           bias ? bias + p * kPanel : nullptr, y + p * kPanel, O,
+                           pf && p + 4 + NP <= pf_end ? wp + (p + 4) * stride : nullptr);
     for (; p < p1; ++p)
         block<T, M, 1, 3>(x, I, wp + p * stride, stride, scale ? scale + p * kPanel : nullptr,
-                          bias ? bias + p * kPanel : nullptr, y + p * kPanel, O);
+                          bias ? bias + p * kPanel : nullptr, y + p * kPanel, O,
+                          pf && p + 5 <= pf_end ? wp + (p + 4) * stride : nullptr);
 }
 
 template <typename T, int M>
 void rows(const float* x, int64_t I, const T* wp, const float* scale, const float* bias, float* y, int64_t O,
-          int64_t p0, int64_t p1) {
+          int64_t p0, int64_t p1, bool pf, int64_t pf_end) {
     // the widest pass that fits 12 accumulators: 4 panels for one row, 2 for two, 1 for three or four
     constexpr int NP = M == 1 ? 4 : M == 2 ? 2 : 1;
     const int64_t full = O / kPanel;
-    full_panels<T, M, NP>(x, I, wp, scale, bias, y, O, p0, p1 < full ? p1 : full);
+    full_panels<T, M, NP>(x, I, wp, scale, bias, y, O, p0, p1 < full ? p1 : full, pf, pf_end < full ? pf_end : full);
     if (p1 > full) {  // the tail panel, 8 or 16 wide
         const int64_t col = full * kPanel;
         const T* w = wp + col * I;
         const float* s = scale ? scale + col : nullptr;
         const float* b = bias ? bias + col : nullptr;
-        if (O - col == 16) block<T, M, 1, 2>(x, I, w, 0, s, b, y + col, O);
-        else block<T, M, 1, 1>(x, I, w, 0, s, b, y + col, O);
+        if (O - col == 16) block<T, M, 1, 2>(x, I, w, 0, s, b, y + col, O, nullptr);
+        else block<T, M, 1, 1>(x, I, w, 0, s, b, y + col, O, nullptr);
     }
 }
 
@@ -113,11 +122,12 @@ void chunk(const float* x, int64_t M, int64_t I, const T* wp, const float* scale
     for (int64_t q0 = p0; q0 < p1; q0 += 4) {
         const int64_t q1 = q0 + 4 < p1 ? q0 + 4 : p1;
         int64_t m = 0;
-        for (; m + 4 <= M; m += 4) rows<T, 4>(x + m * I, I, wp, scale, bias, y + m * O, O, q0, q1);
+        // the first row group also requests the next run of panels, which arrives while the groups compute
+        for (; m + 4 <= M; m += 4) rows<T, 4>(x + m * I, I, wp, scale, bias, y + m * O, O, q0, q1, m == 0, p1);
         switch (M - m) {
-            case 3: rows<T, 3>(x + m * I, I, wp, scale, bias, y + m * O, O, q0, q1); break;
-            case 2: rows<T, 2>(x + m * I, I, wp, scale, bias, y + m * O, O, q0, q1); break;
-            case 1: rows<T, 1>(x + m * I, I, wp, scale, bias, y + m * O, O, q0, q1); break;
+            case 3: rows<T, 3>(x + m * I, I, wp, scale, bias, y + m * O, O, q0, q1, m == 0, p1); break;
+            case 2: rows<T, 2>(x + m * I, I, wp, scale, bias, y + m * O, O, q0, q1, m == 0, p1); break;
+            case 1: rows<T, 1>(x + m * I, I, wp, scale, bias, y + m * O, O, q0, q1, m == 0, p1); break;
             default: break;
         }
     }

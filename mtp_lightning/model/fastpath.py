@@ -47,7 +47,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from mtp_lightning.model import native
 
 MAX_ROWS = 256  # a batch of 8 rows verifying 4 positions with 4 experts has 128
-NATIVE_MAX_ROWS = 32  # up to here the kernel beats oneDNN on the benchmarks' shapes (docs/benchmarks.md)
+NATIVE_MAX_ROWS = 64  # up to here the kernel beats oneDNN on the decoders' shapes (docs/benchmarks.md)
 _copies = WeakTensorKeyDictionary()  # weight -> (version, data_ptr, {(kind, index): copy})
 _depth = 0  # open ``decoding()`` blocks
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")

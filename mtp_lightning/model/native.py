@@ -276,5 +276,5 @@ def greedy_chain(logits: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
     """``reference_chain(logits.softmax(-1), pi)`` in one call: draft logits (B, ks, r, V) and the
     posterior pi (B, r) -> drafts (B, ks). The softmax uses a fast polynomial exponential, so on a near
     tie a draft may differ from the torch chain's; drafts only propose, the verifier decides. Only where
-    ``chain_supports(logits.shape)``. ``logits`` is scratch: a contiguous float32 one is overwritten."""
-    return _chain(_lib, logits.float().contiguous(), pi.float().contiguous().clone())
+    ``chain_supports(logits.shape)``. Both inputs are scratch: contiguous float32 ones are overwritten."""
+    return _chain(_lib, logits.float().contiguous(), pi.float().contiguous())

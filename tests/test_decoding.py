@@ -18,7 +18,7 @@ from mtp_lightning.decoding import (Sampling, SpecAcceptance, format_table, gene
 from mtp_lightning.decoding import speculative
 from mtp_lightning.decoding.speculative import resolve_draft_precision
 from mtp_lightning.decoding.sampling import residual_logprobs, sample, warp_logprobs
-from mtp_lightning.model import fastpath
+from mtp_lightning.model import fastpath, native
 from mtp_lightning.model.cp_model import CPModel
 from mtp_lightning.model.gpt import KVCache
 
@@ -479,3 +479,29 @@ def test_probability_space_verifier_and_draft_vectors_match_the_log_space_ones()
         stacked = model.factor_logprobs(zt, range(1, model.n_future))
         one_by_one = torch.cat([model.factor_logprobs(zt, range(s, s + 1)) for s in range(1, model.n_future)], 1)
         torch.testing.assert_close(stacked, one_by_one, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(native.kernel() is None, reason="no native kernel here")
+@pytest.mark.parametrize("kind", ["mlp", "linear"])
+def test_fused_native_draft_equals_the_step_by_step_draft_and_keeps_parity(kind):
+    """With a vocabulary the kernel takes (64), greedy int8 drafts go through one native call
+    (``CPModel.fused_greedy_draft``); it gives the drafts of the step-by-step int8 path (factor logits,
+    then the chain) and greedy decoding stays token-identical to AR, with drafts accepted and rejected."""
+    model = tiny_model(kind, rank=3, vocab=64)
+    g = torch.Generator().manual_seed(5)
+    with torch.inference_mode(), fastpath.decoding():
+        for trial in range(20):
+            u = torch.randn(2, 32, generator=g) * 4
+            pi = torch.rand(2, 3, generator=g) + 0.05
+            want = native.reference_chain(model.factor_logprobs([u] * 4, range(1, 4), int8=True, probs=True), pi)
+            got = model.fused_greedy_draft(u, pi.clone(), 3, 3)
+            assert got is not None and torch.equal(got, want), (trial, got, want)
+            assert torch.equal(model.fused_greedy_draft(u, pi.clone(), 3, 2), want[:, :2])  # a shorter last step
+    calls = []
+    real = native.greedy_draft
+    try:
+        native.greedy_draft = lambda *a, **k: calls.append(1) or real(*a, **k)
+        accepted, drafted = assert_greedy_parity(model, [[1, 2, 3, 4, 5], [7, 8]], 20, verifiers=("marginal",))
+    finally:
+        native.greedy_draft = real
+    assert calls and 0 < accepted < drafted

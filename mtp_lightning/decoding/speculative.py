@@ -147,13 +147,20 @@ def _greedy_draft(model, zt: torch.Tensor, st: list[torch.Tensor], joint1: torch
     """Greedy drafts (B, ks): the expert posterior after c, pi_a ∝ w_a P_a^(1)(c), then the chain
     d_s = argmax_x sum_a pi_a P_a^(s)(x), pi ← pi P^(s)(d_s) (``native.reference_chain``).
 
-    With the native kernel the draft logits go to it unnormalised: softmax, mixture and argmax in one
-    call instead of a softmax and a dozen small ops per draft. Without it, probabilities and torch ops.
+    With the native kernel and int8 drafts, the whole draft is one call (``CPModel.fused_greedy_draft``:
+    maps, unembedding and chain). Otherwise, with the kernel, the draft logits go to it unnormalised:
+    softmax, mixture and argmax in one call instead of a softmax and a dozen small ops per draft.
+    Without it, probabilities and torch ops.
     ``joint1``: the verifier's router-weighted offset-1 factors w_a P_a^(1) (B, r, V), or None (the
     ``lm_head`` verifier), when the draft computes offset 1 and the router itself. Factors for all k
     offsets even in a last, shorter step (``ks`` < k): one weight copy per generation."""
     B = c.shape[0]
     r = model.rank
+    if joint1 is not None and int8 and hasattr(model, "fused_greedy_draft"):
+        pi = joint1.gather(-1, c.view(B, 1, 1).expand(B, r, 1)).view(B, r).clamp_min(torch.finfo(joint1.dtype).tiny)
+        tokens = model.fused_greedy_draft(st[1], pi, k, ks)  # None where the fused call does not apply
+        if tokens is not None:
+            return tokens
     fused = native.chain_supports((ks, r, model.unembedding.shape[0]))
     if joint1 is None:
         lf = model.factor_logprobs(st, range(k + 1), probs=not fused, int8=int8, raw=fused)  # (B, k+1, r, V): offsets 1..k+1

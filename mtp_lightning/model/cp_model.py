@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from mtp_lightning.config import ModelConfig
-from mtp_lightning.model import fastpath
+from mtp_lightning.model import fastpath, native
 from mtp_lightning.model.fastpath import skinny_linear
 from mtp_lightning.model.gpt import GPT, KVCache
 from mtp_lightning.model.heads import CPHeads
@@ -124,6 +124,23 @@ class CPModel(nn.Module):
         if raw:
             return logits
         return logits.softmax(-1) if probs else logits.log_softmax(-1)
+
+    def fused_greedy_draft(self, u: torch.Tensor, pi: torch.Tensor, k: int, ks: int) -> torch.Tensor | None:
+        """Greedy drafts (B, ks) in one native call (``native.greedy_draft``) from the states u (B, D) and
+        the expert posterior pi (B, r) after the last token, with int8 draft maps and unembedding: what
+        ``factor_logprobs(int8=True, raw=True)`` and the greedy chain compute, without the torch ops in
+        between. None where it does not apply (no kernel, other head kinds or shapes, outside
+        ``decoding()``); the caller then takes the torch path."""
+        heads = self.heads
+        if (native._lib is None or heads.kind == "block" or heads.draft_weight is None or not fastpath.applies(u)
+                or u.dtype != torch.float32 or heads.draft_weight.dtype != torch.float32
+                or self.unembedding.dtype != torch.float32 or not native.chain_supports((ks, self.rank, self.unembedding.shape[0]))):
+            return None
+        maps = fastpath._copy(heads.draft_weight, slice(0, k), "n8")
+        unemb = fastpath._copy(self.unembedding, None, "n8")
+        if maps is None or unemb is None:
+            return None
+        return native.greedy_draft(u, pi, maps, unemb, k, ks, self.rank, heads.kind == "mlp")
 
     def verifier_logprobs(self, z: torch.Tensor, states: list[torch.Tensor], verifier: str) -> torch.Tensor:
         """The next-token distribution p(. | context) as log-probs (..., V).

@@ -492,11 +492,13 @@ def test_fused_native_draft_equals_the_step_by_step_draft_and_keeps_parity(kind)
     with torch.inference_mode(), fastpath.decoding():
         for trial in range(20):
             u = torch.randn(2, 32, generator=g) * 4
-            pi = torch.rand(2, 3, generator=g) + 0.05
+            joint1 = torch.rand(2, 3, 64, generator=g) + 0.05
+            c = torch.randint(0, 64, (2,), generator=g)
+            pi = joint1[torch.arange(2), :, c]  # (B, r): the posterior after c
             want = native.reference_chain(model.factor_logprobs([u] * 4, range(1, 4), int8=True, probs=True), pi)
-            got = model.fused_greedy_draft(u, pi.clone(), 3, 3)
+            got = model.fused_greedy_draft(u, joint1, c, 3, 3)
             assert got is not None and torch.equal(got, want), (trial, got, want)
-            assert torch.equal(model.fused_greedy_draft(u, pi.clone(), 3, 2), want[:, :2])  # a shorter last step
+            assert torch.equal(model.fused_greedy_draft(u, joint1, c, 3, 2), want[:, :2])  # a shorter last step
     calls = []
     real = native.greedy_draft
     try:

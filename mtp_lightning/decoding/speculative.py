@@ -157,8 +157,7 @@ def _greedy_draft(model, zt: torch.Tensor, st: list[torch.Tensor], joint1: torch
     B = c.shape[0]
     r = model.rank
     if joint1 is not None and int8 and hasattr(model, "fused_greedy_draft"):
-        pi = joint1.gather(-1, c.view(B, 1, 1).expand(B, r, 1)).view(B, r).clamp_min(torch.finfo(joint1.dtype).tiny)
-        tokens = model.fused_greedy_draft(st[1], pi, k, ks)  # None where the fused call does not apply
+        tokens = model.fused_greedy_draft(st[1], joint1, c, k, ks)  # None where the fused call does not apply
         if tokens is not None:
             return tokens
     fused = native.chain_supports((ks, r, model.unembedding.shape[0]))

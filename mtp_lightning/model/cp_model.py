@@ -125,11 +125,12 @@ class CPModel(nn.Module):
             return logits
         return logits.softmax(-1) if probs else logits.log_softmax(-1)
 
-    def fused_greedy_draft(self, u: torch.Tensor, pi: torch.Tensor, k: int, ks: int) -> torch.Tensor | None:
-        """Greedy drafts (B, ks) in one native call (``native.greedy_draft``) from the states u (B, D) and
-        the expert posterior pi (B, r) after the last token, with int8 draft maps and unembedding: what
-        ``factor_logprobs(int8=True, raw=True)`` and the greedy chain compute, without the torch ops in
-        between. None where it does not apply (no kernel, other head kinds or shapes, outside
+    def fused_greedy_draft(self, u: torch.Tensor, joint1: torch.Tensor, c: torch.Tensor, k: int, ks: int
+                           ) -> torch.Tensor | None:
+        """Greedy drafts (B, ks) in one native call (``native.greedy_draft``) from the states u (B, D), the
+        verifier's router-weighted offset-1 factors joint1 (B, r, V) and the last tokens c (B,), with int8
+        draft maps and unembedding: the expert posterior after c, ``factor_logprobs(int8=True, raw=True)``
+        and the greedy chain, without the torch ops in between. None where it does not apply (no kernel, other head kinds or shapes, outside
         ``decoding()``); the caller then takes the torch path."""
         heads = self.heads
         if (native._lib is None or heads.kind == "block" or heads.draft_weight is None or not fastpath.applies(u)
@@ -140,7 +141,7 @@ class CPModel(nn.Module):
         unemb = fastpath._copy(self.unembedding, None, "n8")
         if maps is None or unemb is None:
             return None
-        return native.greedy_draft(u, pi, maps, unemb, k, ks, self.rank, heads.kind == "mlp")
+        return native.greedy_draft(u, joint1, c, maps, unemb, k, ks, self.rank, heads.kind == "mlp")
 
     def verifier_logprobs(self, z: torch.Tensor, states: list[torch.Tensor], verifier: str) -> torch.Tensor:
         """The next-token distribution p(. | context) as log-probs (..., V).

@@ -162,7 +162,7 @@ void linear(const float* x, int64_t M, int64_t I, const T* wp, const float* scal
 extern "C" {
 
 // The ABI version ``native.py`` checks before it uses a build.
-int mtpl_abi_version() { return 4; }
+int mtpl_abi_version() { return 5; }
 
 // y (M, O) = x (M, I) W^T + bias (nullable), W packed as described above; all arrays contiguous float32.
 void mtpl_linear(const float* x, int64_t M, int64_t I, const float* wp, const float* bias, float* y, int64_t O,
@@ -303,14 +303,23 @@ inline __m256 silu8(__m256 v) {  // v / (1 + e^-v)
 
 extern "C" {
 
-// u (B, D), pi (B, r) scratch, tokens (B, ks) out; maps (wq, ws) for k * r * D outputs, unembedding
-// (uq, us) for V outputs; h (k * r * D) and logits (ks * r * V) float32 scratch. mlp != 0: the residual
-// SiLU form. Returns 0, or -1 for sizes it does not take.
+// u (B, D); the posterior comes from joint (B, r, V), the verifier's router-weighted offset-1 factors
+// w_a P_a^(1), at the last token c (B,): pi_a = joint[b, a, c_b] (at least the smallest normal float);
+// tokens (B, ks) out; maps (wq, ws) for k * r * D outputs, unembedding (uq, us) for V outputs; h
+// (k * r * D) and logits (ks * r * V) float32 scratch. mlp != 0: the residual SiLU form. Returns 0, or -1
+// for sizes or tokens it does not take.
 int mtpl_greedy_draft(const float* u, int64_t B, int64_t D, const int8_t* wq, const float* ws, const int8_t* uq,
-                      const float* us, int64_t V, int64_t k, int64_t ks, int64_t r, int mlp, float* pi,
-                      float* h, float* logits, int64_t* tokens, int threads) {
+                      const float* us, int64_t V, int64_t k, int64_t ks, int64_t r, int mlp, const float* joint,
+                      const int64_t* c, float* h, float* logits, int64_t* tokens, int threads) {
     if (V % 8 != 0 || D % 8 != 0 || r < 1 || r > 16 || ks < 1 || ks > k || ks * r > 1024) return -1;
+    for (int64_t b = 0; b < B; ++b)
+        if (c[b] < 0 || c[b] >= V) return -1;
     for (int64_t b = 0; b < B; ++b) {
+        float pi[16];
+        for (int64_t a = 0; a < r; ++a) {
+            const float p = joint[(b * r + a) * V + c[b]];
+            pi[a] = p > 1.17549435e-38f ? p : 1.17549435e-38f;
+        }
         const float* ub = u + b * D;
         linear<int8_t>(ub, 1, D, wq, ws, nullptr, h, k * r * D, threads);
         if (mlp) {
@@ -319,7 +328,7 @@ int mtpl_greedy_draft(const float* u, int64_t B, int64_t D, const int8_t* wq, co
                     _mm256_storeu_ps(h + j * D + i, _mm256_add_ps(_mm256_loadu_ps(ub + i), silu8(_mm256_loadu_ps(h + j * D + i))));
         }
         linear<int8_t>(h, ks * r, D, uq, us, nullptr, logits, V, threads);
-        greedy_chain_row(logits, ks, r, V, pi + b * r, tokens + b * ks);
+        greedy_chain_row(logits, ks, r, V, pi, tokens + b * ks);
     }
     return 0;
 }

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 SOURCE = Path(__file__).with_name("fewrow.cpp")
-ABI_VERSION = 4
+ABI_VERSION = 5
 PANEL = 24
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fPIC", "-shared", "-fno-math-errno", "-std=c++17"]
 
@@ -107,7 +107,7 @@ def _load(path: Path) -> ctypes.CDLL:
     d = lib.mtpl_greedy_draft
     d.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
-                  ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+                  ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     d.restype = ctypes.c_int
     g = lib.mtpl_greedy_chain
     g.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
@@ -296,22 +296,23 @@ def _buffer(n: int) -> torch.Tensor:
     return buf
 
 
-def greedy_draft(u: torch.Tensor, pi: torch.Tensor, maps: tuple[torch.Tensor, torch.Tensor],
+def greedy_draft(u: torch.Tensor, joint1: torch.Tensor, c: torch.Tensor, maps: tuple[torch.Tensor, torch.Tensor],
                  unembedding: tuple[torch.Tensor, torch.Tensor], k: int, ks: int, rank: int, mlp: bool
                  ) -> torch.Tensor:
-    """A whole greedy draft in one call: the int8 draft maps of k offsets (``pack_q8`` of the stacked
-    (k * r * D, D) weight) from the states u (B, D), SiLU and residual for ``mlp`` heads, the int8
-    unembedding (``pack_q8`` of U) of the first ks offsets, and ``greedy_chain`` from the posterior pi
-    (B, r, scratch) -> drafts (B, ks). The same drafts as those steps done one by one in torch, up to
+    """A whole greedy draft in one call: the expert posterior pi_a = joint1[b, a, c_b] (the verifier's
+    router-weighted offset-1 factors (B, r, V) at the last tokens c (B,)), the int8 draft maps of k
+    offsets (``pack_q8`` of the stacked (k * r * D, D) weight) from the states u (B, D), SiLU and residual
+    for ``mlp`` heads, the int8 unembedding (``pack_q8`` of U) of the first ks offsets, and
+    ``greedy_chain`` -> drafts (B, ks). The same drafts as those steps done one by one in torch, up to
     float32 rounding and the polynomial exponential."""
     B, D = u.shape
     V = unembedding[1].numel()
-    u = u.float().contiguous()
+    u, joint1, c = u.float().contiguous(), joint1.float().contiguous(), c.contiguous()
     tokens = torch.empty(B, ks, dtype=torch.long)
     h, logits = _buffer(k * rank * D), _buffer(ks * rank * V)
     rc = _lib.mtpl_greedy_draft(u.data_ptr(), B, D, maps[0].data_ptr(), maps[1].data_ptr(), unembedding[0].data_ptr(),
-                                unembedding[1].data_ptr(), V, k, ks, rank, int(mlp), pi.data_ptr(), h.data_ptr(),
-                                logits.data_ptr(), tokens.data_ptr(), torch.get_num_threads())
+                                unembedding[1].data_ptr(), V, k, ks, rank, int(mlp), joint1.data_ptr(), c.data_ptr(),
+                                h.data_ptr(), logits.data_ptr(), tokens.data_ptr(), torch.get_num_threads())
     if rc != 0:
-        raise ValueError(f"greedy_draft does not take D={D}, V={V}, k={k}, ks={ks}, r={rank}")
+        raise ValueError(f"greedy_draft does not take D={D}, V={V}, k={k}, ks={ks}, r={rank} or tokens {c.tolist()}")
     return tokens

@@ -231,3 +231,20 @@ def test_native_int8_product_is_exact_for_the_dequantized_weight():
         copies = [c for _, _, cs in fastpath._copies.values() for (kind, _), c in cs.items() if kind == "n8"]
         assert len(copies) == 2 and all(c[0].dtype == torch.int8 for c in copies)
     assert len(fastpath._copies) == 0
+
+
+@pytest.mark.skipif(not CAN_BUILD, reason="no AVX2 or no C++ compiler here")
+def test_native_mixture_is_the_torch_mixture():
+    """The marginal verifier's mixture in one pass: the weighted factors w_a softmax(z_a) and their sum
+    over a, within 1e-6 of torch's, with the same argmax, for one position and a batch of them."""
+    assert native.kernel() is not None
+    g = torch.Generator().manual_seed(6)
+    for lead in ((1,), (2, 4)):
+        z = torch.randn(*lead, 4, 4096, generator=g) * 5
+        w = torch.softmax(torch.randn(*lead, 4, generator=g), -1)
+        joint_want = z.softmax(-1) * w[..., None]
+        marg_want = joint_want[..., 0, :] + joint_want[..., 1, :] + joint_want[..., 2, :] + joint_want[..., 3, :]
+        marg, joint = native.mixture(z.clone(), w)
+        torch.testing.assert_close(joint, joint_want, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(marg, marg_want, rtol=1e-6, atol=1e-9)
+        assert torch.equal(marg.argmax(-1), marg_want.argmax(-1))

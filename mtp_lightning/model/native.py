@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 SOURCE = Path(__file__).with_name("fewrow.cpp")
-ABI_VERSION = 5
+ABI_VERSION = 6
 PANEL = 24
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fPIC", "-shared", "-fno-math-errno", "-std=c++17"]
 
@@ -109,6 +109,9 @@ def _load(path: Path) -> ctypes.CDLL:
                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     d.restype = ctypes.c_int
+    mx = lib.mtpl_mixture
+    mx.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+    mx.restype = ctypes.c_int
     g = lib.mtpl_greedy_chain
     g.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                   ctypes.c_void_p]
@@ -316,3 +319,20 @@ def greedy_draft(u: torch.Tensor, joint1: torch.Tensor, c: torch.Tensor, maps: t
     if rc != 0:
         raise ValueError(f"greedy_draft does not take D={D}, V={V}, k={k}, ks={ks}, r={rank} or tokens {c.tolist()}")
     return tokens
+
+
+def mixture(logits: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The marginal verifier in probability space from factor logits (..., r, V) and router weights
+    (..., r): (sum_a w_a softmax(z_a), the weighted factors w_a softmax(z_a) (..., r, V)), summed over a
+    in order, as ``CPModel.verifier_and_factors(probs=True)`` computes them in torch. One pass instead
+    of a softmax, a product and r - 1 sums; the exponential is the kernel's (relative error about 2e-7),
+    so both decoders, which call this alike, still see the same numbers. ``logits`` is scratch: a
+    contiguous float32 one becomes the weighted factors. Only where ``_lib`` is set and V % 8 == 0."""
+    *lead, r, V = logits.shape
+    z = logits.float().contiguous()
+    wc = w.float().contiguous()
+    marginal = torch.empty(*lead, V, dtype=torch.float32)
+    n = marginal.numel() // V if V else 0
+    if _lib.mtpl_mixture(z.data_ptr(), n, r, V, wc.data_ptr(), marginal.data_ptr()) != 0:
+        raise ValueError(f"mixture does not take factors of shape {tuple(logits.shape)}")
+    return marginal, z

@@ -6,8 +6,11 @@ and hot (one copy, reused):
 - ``F.linear``: W as stored, (out, in);
 - ``oneDNN``: ``torch.ops.mkldnn._linear_pointwise`` over a weight reordered once with
   ``torch.ops.mkldnn._reorder_linear_weight`` (what ``model/fastpath.py`` uses for 2-256 rows);
-- ``int8``: fbgemm's dynamic int8 linear over a per-row int8 copy (``fastpath.project_int8``, which
-  speculative drafts use; approximate).
+- ``int8``: fbgemm's dynamic int8 linear over a per-row int8 copy (``fastpath.project_int8``'s fallback
+  for speculative drafts; approximate);
+- ``native``: this project's kernel (``model/native.py``, ``fewrow.cpp``) over a packed fp32 copy, the
+  path ``fastpath.project`` takes for up to 64 rows;
+- ``native int8``: the same kernel over an int8 copy (``fastpath.project_int8``'s path for drafts).
 
     python benchmarks/skinny_matmul.py [threads]
 
@@ -20,6 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from mtp_lightning.model import native
 from mtp_lightning.model.fastpath import _pack_int8
 
 
@@ -36,9 +40,11 @@ def median_us(f, reps: int = 200) -> float:
 
 def main(threads: int) -> None:
     torch.set_num_threads(threads)
-    rows = [1, 4, 12]
+    rows = [1, 4, 16]
+    if native.kernel() is None:
+        sys.exit(f"the native kernel is not available: {native.why_not()}")
     print(f"{threads} threads; median microseconds per call")
-    print(f"| in -> out | weights | {' | '.join(f'{m} rows: x @ Wt / F.linear / oneDNN / int8' for m in rows)} |")
+    print(f"| in -> out | weights | {' | '.join(f'{m} rows: x @ Wt / F.linear / oneDNN / int8 / native / native int8' for m in rows)} |")
     print(f"| --- | --- | {' | '.join('---' for _ in rows)} |")
     with torch.inference_mode():
         for d_in, d_out in [(256, 768), (1024, 256), (256, 4096)]:
@@ -48,6 +54,8 @@ def main(threads: int) -> None:
                 wts = [w.t().contiguous() for w in ws]
                 dnn = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in ws]
                 q8 = [_pack_int8(w) for w in ws]
+                fr = [native.pack(w) for w in ws]
+                n8 = [native.pack_q8(w) for w in ws]
                 cells = []
                 for m in rows:
                     x = torch.randn(m, d_in)
@@ -58,7 +66,9 @@ def main(threads: int) -> None:
                         return i[0]
                     t = [median_us(lambda: x @ wts[nxt()]), median_us(lambda: F.linear(x, ws[nxt()])),
                          median_us(lambda: torch.ops.mkldnn._linear_pointwise(x, dnn[nxt()], None, "none", [], "")),
-                         median_us(lambda: torch.ops.quantized.linear_dynamic(x, q8[nxt()], True))]
+                         median_us(lambda: torch.ops.quantized.linear_dynamic(x, q8[nxt()], True)),
+                         median_us(lambda: native.linear(x, fr[nxt()], None, d_out)),
+                         median_us(lambda: native.linear_q8(x, n8[nxt()], d_out))]
                     cells.append(" / ".join(f"{v:.0f}" for v in t))
                 print(f"| {d_in} -> {d_out} | {temp} | {' | '.join(cells)} |")
 

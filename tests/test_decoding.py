@@ -484,21 +484,23 @@ def test_probability_space_verifier_and_draft_vectors_match_the_log_space_ones()
 @pytest.mark.skipif(native.kernel() is None, reason="no native kernel here")
 @pytest.mark.parametrize("kind", ["mlp", "linear"])
 def test_fused_native_draft_equals_the_step_by_step_draft_and_keeps_parity(kind):
-    """With a vocabulary the kernel takes (64), greedy int8 drafts go through one native call
+    """With a vocabulary the kernel takes (64), greedy int8 drafts of one row go through one native call
     (``CPModel.fused_greedy_draft``); it gives the drafts of the step-by-step int8 path (factor logits,
     then the chain) and greedy decoding stays token-identical to AR, with drafts accepted and rejected."""
     model = tiny_model(kind, rank=3, vocab=64)
     g = torch.Generator().manual_seed(5)
     with torch.inference_mode(), fastpath.decoding():
         for trial in range(20):
-            u = torch.randn(2, 32, generator=g) * 4
-            joint1 = torch.rand(2, 3, 64, generator=g) + 0.05
-            c = torch.randint(0, 64, (2,), generator=g)
-            pi = joint1[torch.arange(2), :, c]  # (B, r): the posterior after c
+            u = torch.randn(1, 32, generator=g) * 4
+            joint1 = torch.rand(1, 3, 64, generator=g) + 0.05
+            c = torch.randint(0, 64, (1,), generator=g)
+            pi = joint1[:, :, c[0]]  # (1, r): the posterior after c
             want = native.reference_chain(model.factor_logprobs([u] * 4, range(1, 4), int8=True, probs=True), pi)
             got = model.fused_greedy_draft(u, joint1, c, 3, 3)
             assert got is not None and torch.equal(got, want), (trial, got, want)
             assert torch.equal(model.fused_greedy_draft(u, joint1, c, 3, 2), want[:, :2])  # a shorter last step
+        # a batch takes the step-by-step path, whose products take all rows at once
+        assert model.fused_greedy_draft(u.expand(2, -1), joint1.expand(2, -1, -1), c.expand(2), 3, 3) is None
     calls = []
     real = native.greedy_draft
     try:

@@ -130,11 +130,13 @@ class CPModel(nn.Module):
         """Greedy drafts (B, ks) in one native call (``native.greedy_draft``) from the states u (B, D), the
         verifier's router-weighted offset-1 factors joint1 (B, r, V) and the last tokens c (B,), with int8
         draft maps and unembedding: the expert posterior after c, ``factor_logprobs(int8=True, raw=True)``
-        and the greedy chain, without the torch ops in between. None where it does not apply (no kernel, other head kinds or shapes, outside
-        ``decoding()``); the caller then takes the torch path."""
+        and the greedy chain, without the torch ops in between. One row only (a batch is better served by
+        the step-by-step path, whose products take all its rows at once). None where it does not apply
+        (no kernel, a batch, other head kinds or shapes, outside ``decoding()``): the caller then takes
+        the step-by-step path."""
         heads = self.heads
-        if (native._lib is None or heads.kind == "block" or heads.draft_weight is None or not fastpath.applies(u)
-                or u.dtype != torch.float32 or heads.draft_weight.dtype != torch.float32
+        if (u.shape[0] != 1 or native._lib is None or heads.kind == "block" or heads.draft_weight is None
+                or not fastpath.applies(u) or u.dtype != torch.float32 or heads.draft_weight.dtype != torch.float32
                 or self.unembedding.dtype != torch.float32 or not native.chain_supports((ks, self.rank, self.unembedding.shape[0]))):
             return None
         maps = fastpath._copy(heads.draft_weight, slice(0, k), "n8")

@@ -23,10 +23,10 @@ training is untouched. ``python benchmarks/skinny_matmul.py`` prints the ways si
 Drafts may also go through an int8 copy (``project_int8``): a speculative draft only proposes tokens,
 and the verifier, computed in full precision, decides what is emitted, so a cheaper draft changes
 speed, never the output (greedy: the verifier's argmax; sampling: the residual rule uses the same
-draft distribution that was sampled from). The int8 copy has one scale per output row; the activations
-are quantized per call (fbgemm's dynamic linear, ``torch.ops.quantized.linear_dynamic``), which reads a
-quarter of the bytes: 12 x 256 -> 4096 took 212 against oneDNN's 456 us with the weights out of cache,
-138 against 223 in cache (``python benchmarks/skinny_matmul.py``, docs/benchmarks.md).
+draft distribution that was sampled from). The int8 copy has one scale per output row and reads a quarter
+of the bytes. With the kernel it is the kernel's int8 product (only the weight quantized; the activations
+and sums stay float32); without it fbgemm's dynamic linear (``torch.ops.quantized.linear_dynamic``),
+which also quantizes the activations per call. ``python benchmarks/skinny_matmul.py`` times both.
 
 The copies live only inside ``with decoding():`` (the decoders open it around a whole generation, during
 which no weight changes) and are dropped when it closes, so a training step or an FSDP re-gather can

@@ -7,7 +7,8 @@ Timers wrap the calls, so the parts add up to a little more than the step time t
 in brackets are parts of the calls above them, not further ones: every full-precision weight product
 (``fastpath.project``: trunk, heads and unembedding) and the draft's int8 products
 (``fastpath.project_int8``, draft maps and unembedding rows). Both decoders run inside one
-``decoding()`` block, as ``bench`` does, so the weight copies are built in the warm-ups. A second
+``decoding()`` block, as ``bench`` does, so the weight copies are built in the warm-ups. The bracketed
+lines at the end time each full-precision product shape that runs at least every other step, per call. A second
 argument, a .pt file of prompt ids (K, T), decodes its first prompt instead of a random one.
 """
 
@@ -46,18 +47,36 @@ def main(path: str, prompts: str | None = None) -> None:
     timed(model, "verifier_and_factors", "verifier")
     timed(sp, "draft", "draft")
     timed(fastpath, "project", "(all weight products)")  # inside the calls above
-    timed(fastpath, "project_int8", "(int8 draft products)")  # inside the draft
+    timed(fastpath, "project_int8", "(int8 draft products)")  # inside the step-by-step draft
+    by_shape, shape_calls = collections.defaultdict(float), collections.Counter()
+    project = fastpath.project
+
+    def per_shape(x, weight, index=None, bias=None):  # inside the timer above: each product by its shape
+        t = time.perf_counter()
+        out = project(x, weight, index, bias)
+        key = (x.numel() // x.shape[-1], x.shape[-1], out.shape[-1])
+        by_shape[key] += time.perf_counter() - t
+        shape_calls[key] += 1
+        return out
+    fastpath.project = per_shape
     for mode in ("ar", "spec"):
         # as the bench command: one decoding() block, so the weight copies are built in the warm-ups
         with fastpath.decoding():
             for _ in range(3):  # two warm-ups, then the measured run
                 total.clear()
                 calls.clear()
+                by_shape.clear()
+                shape_calls.clear()
                 g = ar.generate_ar(model, prompt, 128) if mode == "ar" else sp.generate_speculative(model, prompt, 128)
         print(f"{mode}: {g.steps} steps, {(g.seconds - g.prefill_seconds) / g.steps * 1e3:.2f} ms per step, "
               f"{torch.get_num_threads()} threads")
         for label, seconds in total.items():
             print(f"  {label:22s} {seconds / g.steps * 1e3:6.3f} ms per step ({calls[label]} calls)")
+        for (rows, d_in, d_out), seconds in sorted(by_shape.items()):
+            n = shape_calls[(rows, d_in, d_out)]
+            if n >= g.steps // 2:  # the step's products, not the prefill's
+                print(f"  [{rows:2d} x {d_in:4d} -> {d_out:4d}] {seconds / n * 1e6:6.1f} us per call, "
+                      f"{n / g.steps:.1f} calls per step")
 
 
 if __name__ == "__main__":

@@ -248,3 +248,17 @@ def test_native_mixture_is_the_torch_mixture():
         torch.testing.assert_close(joint, joint_want, rtol=1e-6, atol=1e-9)
         torch.testing.assert_close(marg, marg_want, rtol=1e-6, atol=1e-9)
         assert torch.equal(marg.argmax(-1), marg_want.argmax(-1))
+
+
+@pytest.mark.skipif(not CAN_BUILD, reason="no AVX2 or no C++ compiler here")
+def test_kernel_refuses_tensors_outside_cpu_memory():
+    """The kernel reads raw pointers, so a tensor elsewhere (here the meta device, standing in for a
+    GPU) is refused with a clear error instead of crashing the process."""
+    assert native.kernel() is not None
+    packed = native.pack(torch.randn(8, 16))
+    with pytest.raises(ValueError, match="runs on the CPU; got a tensor on meta"):
+        native.linear(torch.empty(1, 16, device="meta"), packed, None, 8)
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        native.greedy_chain(torch.empty(1, 2, 2, 8, device="meta"), torch.empty(1, 2, device="meta"))
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        native.mixture(torch.empty(1, 2, 8, device="meta"), torch.empty(1, 2, device="meta"))

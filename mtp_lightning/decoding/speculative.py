@@ -160,7 +160,7 @@ def _greedy_draft(model, zt: torch.Tensor, st: list[torch.Tensor], joint1: torch
         tokens = model.fused_greedy_draft(st[1], joint1, c, k, ks)  # None where the fused call does not apply
         if tokens is not None:
             return tokens
-    fused = native.chain_supports((ks, r, model.unembedding.shape[0]))
+    fused = c.device.type == "cpu" and native.chain_supports((ks, r, model.unembedding.shape[0]))  # a CPU kernel
     if joint1 is None:
         lf = model.factor_logprobs(st, range(k + 1), probs=not fused, int8=int8, raw=fused)  # (B, k+1, r, V): offsets 1..k+1
         f1 = lf[:, 0].softmax(-1) if fused else lf[:, 0]

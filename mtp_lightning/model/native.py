@@ -216,8 +216,16 @@ def pack_q8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return pack(q), scale.contiguous()
 
 
+def _on_cpu(*tensors: torch.Tensor | None) -> None:
+    """The kernel reads raw pointers: a tensor anywhere but in CPU memory would crash it, so refuse it."""
+    for t in tensors:
+        if t is not None and t.device.type != "cpu":
+            raise ValueError(f"the native kernel runs on the CPU; got a tensor on {t.device}")
+
+
 def _call(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int,
           threads: int) -> torch.Tensor:
+    _on_cpu(x, packed, bias)
     I = x.shape[-1]
     x2 = x.reshape(-1, I).contiguous()
     y = torch.empty(x2.shape[0], out_features, dtype=torch.float32)
@@ -228,6 +236,7 @@ def _call(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, bias: torch.T
 
 def _call_q8(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
              out_features: int, threads: int) -> torch.Tensor:
+    _on_cpu(x, packed, scale, bias)
     I = x.shape[-1]
     x2 = x.reshape(-1, I).contiguous()
     y = torch.empty(x2.shape[0], out_features, dtype=torch.float32)
@@ -268,6 +277,7 @@ def reference_chain(P: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
 
 
 def _chain(lib: ctypes.CDLL, logits: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
+    _on_cpu(logits, pi)
     B, ks, r, V = logits.shape
     tokens = torch.empty(B, ks, dtype=torch.long)
     if lib.mtpl_greedy_chain(logits.data_ptr(), B, ks, r, V, pi.data_ptr(), tokens.data_ptr()) != 0:
@@ -308,6 +318,7 @@ def greedy_draft(u: torch.Tensor, joint1: torch.Tensor, c: torch.Tensor, maps: t
     for ``mlp`` heads, the int8 unembedding (``pack_q8`` of U) of the first ks offsets, and
     ``greedy_chain`` -> drafts (B, ks). The same drafts as those steps done one by one in torch, up to
     float32 rounding and the polynomial exponential."""
+    _on_cpu(u, joint1, c, *maps, *unembedding)
     B, D = u.shape
     V = unembedding[1].numel()
     u, joint1, c = u.float().contiguous(), joint1.float().contiguous(), c.contiguous()
@@ -328,6 +339,7 @@ def mixture(logits: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.
     of a softmax, a product and r - 1 sums; the exponential is the kernel's (relative error about 2e-7),
     so both decoders, which call this alike, still see the same numbers. ``logits`` is scratch: a
     contiguous float32 one becomes the weighted factors. Only where ``_lib`` is set and V % 8 == 0."""
+    _on_cpu(logits, w)
     *lead, r, V = logits.shape
     z = logits.float().contiguous()
     wc = w.float().contiguous()

@@ -1,6 +1,7 @@
 """Decoding tests: exact tokens and counts on stubs, greedy parity with AR on tiny random models,
-sampling exactness against enumerated verifier distributions, metrics, the teacher-forced estimate, the
-benchmark and the Lightning callback. The whole file runs in well under a minute on 2 CPU cores."""
+sampling exactness against enumerated verifier distributions, metrics, the teacher-forced estimate and
+the benchmark (the Lightning callback: ``test_acceptance_callback.py``). The whole file runs in well
+under a minute on 2 CPU cores."""
 
 from __future__ import annotations
 
@@ -387,76 +388,6 @@ def test_benchmark_reports_and_plots(tmp_path):
     png = tmp_path / "per_position.png"
     plot_per_position(result, str(png))
     assert png.read_bytes()[:4] == b"\x89PNG" and list(tmp_path.iterdir()) == [png]
-
-
-# ---- the Lightning callback --------------------------------------------------------------------------
-
-
-def test_callback_logs_acceptance_in_a_real_trainer(tmp_path, monkeypatch):
-    import lightning.pytorch as pl
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import TensorBoardLogger
-    from torch.utils.data import DataLoader
-
-    import callbacks.acceptance
-    from callbacks import SpecAcceptanceCallback
-
-    decodes = []
-
-    def spy(model, *args, **kwargs):
-        decodes.append((model.training, torch.is_inference_mode_enabled()))
-        return generate_speculative(model, *args, **kwargs)
-
-    monkeypatch.setattr(callbacks.acceptance, "generate_speculative", spy)
-
-    class Module(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.model = tiny_model()
-
-        def _loss(self, window):
-            z, states = self.model(window[:, :16])
-            logp = self.model.verifier_logprobs(z, states, "marginal")  # (B, 16, V)
-            return nn.functional.nll_loss(logp.flatten(0, 1), window[:, 1:17].flatten())
-
-        def training_step(self, batch, batch_idx):
-            return self._loss(batch)
-
-        def validation_step(self, batch, batch_idx):
-            self.log("val/loss", self._loss(batch))
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=1e-3)
-
-    class Data(pl.LightningDataModule):
-        windows = torch.randint(0, 50, (8, 20))  # (B, T + n_future)
-
-        def train_dataloader(self):
-            return DataLoader(self.windows, batch_size=4)
-
-        def val_dataloader(self):
-            return DataLoader(self.windows, batch_size=4)
-
-        def val_prompts(self, n, length):
-            return self.windows[:n, :length]
-
-    cb = SpecAcceptanceCallback(every_n_val=2, n_prompts=3, prompt_len=6, max_new_tokens=8, sampled=True)
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="spec/mean_acceptance_length", mode="max")
-    trainer = pl.Trainer(accelerator="cpu", max_steps=3, val_check_interval=1, limit_val_batches=1,
-                         num_sanity_val_steps=1, logger=TensorBoardLogger(tmp_path), callbacks=[cb, ckpt],
-                         enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(Module(), datamodule=Data())
-    assert cb._validations == 3  # the sanity check is not counted
-    assert decodes == [(False, True)] * 4  # validations 1 and 3, greedy and sampled, in eval + inference mode
-    metrics = trainer.callback_metrics
-    for key in ["spec/acceptance_rate", "spec/mean_acceptance_length", "spec/acceptance_rate_pos1",
-                "spec/acceptance_rate_pos3", "spec/sampled_mean_acceptance_length",
-                "spec/tf_mean_acceptance_length",
-                "spec/tf_acceptance_rate"]:
-        assert key in metrics, key
-    assert 1.0 <= float(metrics["spec/mean_acceptance_length"]) <= 4.0
-    assert ckpt.best_model_score is not None
-    assert list(tmp_path.glob("lightning_logs/version_0/events.out.tfevents.*"))
 
 
 def test_probability_space_verifier_and_draft_vectors_match_the_log_space_ones():

@@ -225,6 +225,20 @@ inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+// A softmax row's numerators in place: zr (V) := exp(zr - max); returns 1 / their sum.
+inline float exp_row(float* zr, int64_t V) {
+    __m256 mx = _mm256_set1_ps(-INFINITY);
+    for (int64_t i = 0; i < V; i += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(zr + i));
+    const __m256 m = _mm256_set1_ps(hmax8(mx));
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t i = 0; i < V; i += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(zr + i), m));
+        _mm256_storeu_ps(zr + i, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    return 1.0f / hsum8(sum);
+}
+
 }  // namespace
 
 // One row: z (ks, r, V) float32 logits, overwritten with exp(z - rowmax); pi (r) the unnormalised
@@ -232,19 +246,7 @@ inline float hsum8(__m256 v) {
 // torch.argmax does.
 static void greedy_chain_row(float* z, int64_t ks, int64_t r, int64_t V, float* pi, int64_t* tokens) {
     float inv[1024];  // 1 / sum of exp per (s, a) row
-    for (int64_t row = 0; row < ks * r; ++row) {
-        float* zr = z + row * V;
-        __m256 mx = _mm256_set1_ps(-INFINITY);
-        for (int64_t i = 0; i < V; i += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(zr + i));
-        const __m256 m = _mm256_set1_ps(hmax8(mx));
-        __m256 sum = _mm256_setzero_ps();
-        for (int64_t i = 0; i < V; i += 8) {
-            const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(zr + i), m));
-            _mm256_storeu_ps(zr + i, e);
-            sum = _mm256_add_ps(sum, e);
-        }
-        inv[row] = 1.0f / hsum8(sum);
-    }
+    for (int64_t row = 0; row < ks * r; ++row) inv[row] = exp_row(z + row * V, V);
     const float tiny = 1.17549435e-38f;
     for (int64_t s = 0; s < ks; ++s) {
         float total = 0;
@@ -348,16 +350,7 @@ int mtpl_mixture(float* z, int64_t N, int64_t r, int64_t V, const float* w, floa
         float* out = marginal + n * V;
         for (int64_t a = 0; a < r; ++a) {
             float* zr = z + (n * r + a) * V;
-            __m256 mx = _mm256_set1_ps(-INFINITY);
-            for (int64_t i = 0; i < V; i += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(zr + i));
-            const __m256 m = _mm256_set1_ps(hmax8(mx));
-            __m256 sum = _mm256_setzero_ps();
-            for (int64_t i = 0; i < V; i += 8) {
-                const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(zr + i), m));
-                _mm256_storeu_ps(zr + i, e);
-                sum = _mm256_add_ps(sum, e);
-            }
-            const __m256 scale = _mm256_set1_ps(w[n * r + a] / hsum8(sum));
+            const __m256 scale = _mm256_set1_ps(w[n * r + a] * exp_row(zr, V));
             for (int64_t i = 0; i < V; i += 8) {
                 const __m256 j = _mm256_mul_ps(_mm256_loadu_ps(zr + i), scale);
                 _mm256_storeu_ps(zr + i, j);

@@ -298,17 +298,6 @@ def greedy_chain(logits: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
     return _chain(_lib, logits.float().contiguous(), pi.float().contiguous())
 
 
-_scratch: dict[int, torch.Tensor] = {}
-
-
-def _buffer(n: int) -> torch.Tensor:
-    """A float32 scratch buffer of n elements, kept for the next call of the same size."""
-    buf = _scratch.get(n)
-    if buf is None:
-        buf = _scratch[n] = torch.empty(n, dtype=torch.float32)
-    return buf
-
-
 def greedy_draft(u: torch.Tensor, joint1: torch.Tensor, c: torch.Tensor, maps: tuple[torch.Tensor, torch.Tensor],
                  unembedding: tuple[torch.Tensor, torch.Tensor], k: int, ks: int, rank: int, mlp: bool
                  ) -> torch.Tensor:
@@ -323,7 +312,8 @@ def greedy_draft(u: torch.Tensor, joint1: torch.Tensor, c: torch.Tensor, maps: t
     V = unembedding[1].numel()
     u, joint1, c = u.float().contiguous(), joint1.float().contiguous(), c.contiguous()
     tokens = torch.empty(B, ks, dtype=torch.long)
-    h, logits = _buffer(k * rank * D), _buffer(ks * rank * V)
+    # scratch per call, not kept between calls: decodes in several threads must not share it
+    h, logits = torch.empty(k * rank * D), torch.empty(ks * rank * V)
     rc = _lib.mtpl_greedy_draft(u.data_ptr(), B, D, maps[0].data_ptr(), maps[1].data_ptr(), unembedding[0].data_ptr(),
                                 unembedding[1].data_ptr(), V, k, ks, rank, int(mlp), joint1.data_ptr(), c.data_ptr(),
                                 h.data_ptr(), logits.data_ptr(), tokens.data_ptr(), torch.get_num_threads())

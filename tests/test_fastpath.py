@@ -131,12 +131,12 @@ def test_kernel_matches_float64_and_every_row_is_computed_the_same_alone(out):
         for bias in (b, None):
             want = F.linear(x.double(), w.double(), None if bias is None else bias.double())
             for threads in (1, 2):
-                got = native._call(native._lib, x, packed, bias, out, threads)
+                got = native._call(native._lib, x, packed, None, bias, out, threads)
                 assert got.dtype == torch.float32 and got.shape == (rows, out)
                 torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
-                alone = torch.cat([native._call(native._lib, x[i:i + 1], packed, bias, out, threads) for i in range(rows)])
+                alone = torch.cat([native._call(native._lib, x[i:i + 1], packed, None, bias, out, threads) for i in range(rows)])
                 assert torch.equal(got, alone)
-            assert torch.equal(got, native._call(native._lib, x, packed, bias, out, 1))
+            assert torch.equal(got, native._call(native._lib, x, packed, None, bias, out, 1))
 
 
 @pytest.mark.skipif(not CAN_BUILD, reason="no AVX2 or no C++ compiler here")

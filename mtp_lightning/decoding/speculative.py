@@ -160,17 +160,17 @@ def _greedy_draft(model, zt: torch.Tensor, st: list[torch.Tensor], joint1: torch
         tokens = model.fused_greedy_draft(st[1], joint1, c, k, ks)  # None where the fused call does not apply
         if tokens is not None:
             return tokens
-    fused = c.device.type == "cpu" and native.chain_supports((ks, r, model.unembedding.shape[0]))  # a CPU kernel
+    native_chain = c.device.type == "cpu" and native.chain_supports((ks, r, model.unembedding.shape[0]))  # a CPU kernel
     if joint1 is None:
-        lf = model.factor_logprobs(st, range(k + 1), probs=not fused, int8=int8, raw=fused)  # (B, k+1, r, V): offsets 1..k+1
-        f1 = lf[:, 0].softmax(-1) if fused else lf[:, 0]
+        lf = model.factor_logprobs(st, range(k + 1), probs=not native_chain, int8=int8, raw=native_chain)  # (B, k+1, r, V): offsets 1..k+1
+        f1 = lf[:, 0].softmax(-1) if native_chain else lf[:, 0]
         joint1, lf = f1 * model.router_logw(zt).exp()[..., None], lf[:, 1:ks + 1]
     else:
-        lf = model.factor_logprobs(st, range(1, k + 1), probs=not fused, int8=int8, raw=fused)[:, :ks]  # (B, ks, r, V)
+        lf = model.factor_logprobs(st, range(1, k + 1), probs=not native_chain, int8=int8, raw=native_chain)[:, :ks]  # (B, ks, r, V)
     # a probability that underflowed to 0 for every expert (possible only when the lm_head verifier's
     # token is far from all heads) must not zero the posterior
     pi = joint1.gather(-1, c.view(B, 1, 1).expand(B, r, 1)).view(B, r).clamp_min(torch.finfo(joint1.dtype).tiny)
-    return native.greedy_chain(lf, pi) if fused else native.reference_chain(lf, pi)
+    return native.greedy_chain(lf, pi) if native_chain else native.reference_chain(lf, pi)
 
 
 def verify(logp: torch.Tensor, drafts: torch.Tensor, logq: torch.Tensor, allow: torch.Tensor | None,

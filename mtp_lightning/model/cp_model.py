@@ -169,7 +169,7 @@ class CPModel(nn.Module):
         if verifier == "lm_head":
             return self.lm_logits(z).float().log_softmax(-1), None
         logw = self.router_logw(z)  # (..., r)
-        if probs and native._lib is not None and self.unembedding.shape[0] % 8 == 0 and fastpath.applies(z):
+        if probs and native._lib is not None and native.supports(self.unembedding.shape[0]) and fastpath.applies(z):
             # decoding on the CPU with the kernel: softmax, weighting and sum over experts in one pass
             return native.mixture(self.factor_logprobs(states, range(1), raw=True)[..., 0, :, :], logw.exp())
         f1 = self.factor_logprobs(states, range(1), probs)[..., 0, :, :]  # (..., r, V)

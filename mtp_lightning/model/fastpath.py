@@ -107,7 +107,7 @@ def _copy(weight: torch.Tensor, index, kind: str) -> torch.Tensor | None:
 def _pack_int8(w: torch.Tensor) -> torch.Tensor:
     """fbgemm's packed int8 copy of w (out, in): symmetric, one scale per output row."""
     w = w.float().contiguous()
-    scale = (w.abs().amax(1) / 127).clamp_min(1e-12).double()
+    scale = native.q8_scales(w).double()
     with warnings.catch_warnings():  # quantized tensors are deprecated in favour of torchao, still in 2.x
         warnings.simplefilter("ignore")
         q = torch.quantize_per_channel(w, scale, torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)

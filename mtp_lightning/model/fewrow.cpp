@@ -241,6 +241,11 @@ inline float exp_row(float* zr, int64_t V) {
 
 }  // namespace
 
+// The sizes the chain takes: V a multiple of 8, 1 <= r <= 16, 1 <= ks and ks * r <= 1024 (its buffers).
+static bool chain_fits(int64_t ks, int64_t r, int64_t V) {
+    return V % 8 == 0 && r >= 1 && r <= 16 && ks >= 1 && ks * r <= 1024;
+}
+
 // One row: z (ks, r, V) float32 logits, overwritten with exp(z - rowmax); pi (r) the unnormalised
 // posterior (non-negative, overwritten); tokens (ks) int64 out. Ties go to the lowest index, as
 // torch.argmax does.
@@ -280,7 +285,7 @@ extern "C" {
 // B rows of ``greedy_chain_row``: z (B, ks, r, V), pi (B, r), tokens (B, ks); V a multiple of 8,
 // r <= 16, ks * r <= 1024. Returns 0, or -1 for sizes it does not take (nothing is written then).
 int mtpl_greedy_chain(float* z, int64_t B, int64_t ks, int64_t r, int64_t V, float* pi, int64_t* tokens) {
-    if (V % 8 != 0 || r < 1 || r > 16 || ks < 1 || ks * r > 1024) return -1;
+    if (!chain_fits(ks, r, V)) return -1;
     for (int64_t b = 0; b < B; ++b) greedy_chain_row(z + b * ks * r * V, ks, r, V, pi + b * r, tokens + b * ks);
     return 0;
 }
@@ -313,7 +318,7 @@ extern "C" {
 int mtpl_greedy_draft(const float* u, int64_t B, int64_t D, const int8_t* wq, const float* ws, const int8_t* uq,
                       const float* us, int64_t V, int64_t k, int64_t ks, int64_t r, int mlp, const float* joint,
                       const int64_t* c, float* h, float* logits, int64_t* tokens, int threads) {
-    if (V % 8 != 0 || D % 8 != 0 || r < 1 || r > 16 || ks < 1 || ks > k || ks * r > 1024) return -1;
+    if (!chain_fits(ks, r, V) || D % 8 != 0 || ks > k) return -1;
     for (int64_t b = 0; b < B; ++b)
         if (c[b] < 0 || c[b] >= V) return -1;
     for (int64_t b = 0; b < B; ++b) {

@@ -1,12 +1,13 @@
 """The few-row float32 kernel (``fewrow.cpp``): built on first use, loaded with ctypes, optional.
 
-Why a kernel of our own: decoding's products have 1 to about 16 rows, and at that size the libraries'
-per-call costs dominate. On the 2-core AMD EPYC of docs/benchmarks.md ("Few-row products, a kernel of
-our own"), 4 x 256 -> 768 took 44-82 us through oneDNN and 11-30 us here; 4 x 256 -> 4096 took 115-125
-against 47-90; one row 256 -> 768 took 22 us through MKL's matrix-vector product and 8-12 here.
+Why a kernel of our own: decoding's products have 1 to a few dozen rows, and at that size the libraries'
+per-call costs dominate. ``python benchmarks/skinny_matmul.py 2`` on the 2-core AMD EPYC of
+docs/benchmarks.md ("Session 7"), median us, weights cold / hot: 4 x 256 -> 768 took 107 / 79 through
+oneDNN and 58 / 37 here; 4 x 256 -> 4096 took 324 / 149 against 224 / 86; one row 256 -> 768 took
+68 / 28 through MKL's matrix-vector product and 61 / 31 here.
 
 How it is built: the first ``kernel()`` call compiles ``fewrow.cpp`` with the system's C++ compiler
-(``$CXX``, else ``g++``/``c++``; about 2 s) into ``$MTP_LIGHTNING_CACHE`` (default
+(``$CXX``, else ``g++``/``c++``; about 3 s) into ``$MTP_LIGHTNING_CACHE`` (default
 ``~/.cache/mtp_lightning``)/kernels, under a name that hashes the source, the flags and the torch
 build, so an edit or an upgrade rebuilds it. The build goes to a temporary file that is renamed into
 place under a file lock, so concurrent processes (DDP ranks, test workers) never load a half-written
@@ -15,7 +16,8 @@ Before it is used, one product is checked against ``F.linear``.
 
 It is skipped, and ``fastpath`` keeps its library paths, when any of these holds (``why_not()`` says
 which): ``MTP_LIGHTNING_NATIVE=0``; the CPU lacks AVX2/FMA; no compiler; the build or the check fails.
-Nothing else changes then: the kernel is a speed path, never a different result beyond float rounding.
+Nothing else changes then: the kernel is a speed path; its results differ from the libraries' only by
+float rounding and, in the softmaxes, by its polynomial exponential (relative error about 2e-7).
 """
 
 from __future__ import annotations
@@ -126,12 +128,12 @@ def _self_check(lib: ctypes.CDLL) -> None:
     packed = pack(w)
     for rows in (1, 2, 3, 4, 5):
         x = torch.randn(rows, 40, generator=g)
-        got = _call(lib, x, packed, b, w.shape[0], 2)
+        got = _call(lib, x, packed, None, b, w.shape[0], 2)
         want = F.linear(x.double(), w.double(), b.double()).float()
         if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
             raise RuntimeError(f"self-check failed for {rows} rows: max error {float((got - want).abs().max()):.3g}")
         q, scale = pack_q8(w)
-        got = _call_q8(lib, x, q, scale, b, w.shape[0], 2)
+        got = _call(lib, x, q, scale, b, w.shape[0], 2)
         want = F.linear(x.double(), dequantize_q8(w).double(), b.double()).float()
         if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
             raise RuntimeError(f"int8 self-check failed for {rows} rows: max error {float((got - want).abs().max()):.3g}")
@@ -197,10 +199,16 @@ def pack(w: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts).contiguous()
 
 
+def q8_scales(w: torch.Tensor) -> torch.Tensor:
+    """The symmetric int8 scale of each output row of W (O, I): max |W_o| / 127 (this kernel's int8
+    copies and fbgemm's, ``fastpath._pack_int8``, use the same)."""
+    return (w.detach().float().abs().amax(1) / 127).clamp_min(1e-12)
+
+
 def quantize_q8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """W (O, I) -> int8 Wq (O, I) and one float32 scale per output row, symmetric: W ≈ Wq * scale[:, None]."""
     w = w.detach().float()
-    scale = (w.abs().amax(1) / 127).clamp_min(1e-12)
+    scale = q8_scales(w)
     return (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
 
 
@@ -223,38 +231,33 @@ def _on_cpu(*tensors: torch.Tensor | None) -> None:
             raise ValueError(f"the native kernel runs on the CPU; got a tensor on {t.device}")
 
 
-def _call(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int,
-          threads: int) -> torch.Tensor:
-    _on_cpu(x, packed, bias)
-    I = x.shape[-1]
-    x2 = x.reshape(-1, I).contiguous()
-    y = torch.empty(x2.shape[0], out_features, dtype=torch.float32)
-    lib.mtpl_linear(x2.data_ptr(), x2.shape[0], I, packed.data_ptr(),
-                    None if bias is None else bias.data_ptr(), y.data_ptr(), out_features, threads)
-    return y.view(*x.shape[:-1], out_features)
-
-
-def _call_q8(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-             out_features: int, threads: int) -> torch.Tensor:
+def _call(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor | None,
+          bias: torch.Tensor | None, out_features: int, threads: int) -> torch.Tensor:
+    """x (..., I) times a packed weight -> (..., out_features): float32 (``scale`` None) or int8 with
+    one scale per output."""
     _on_cpu(x, packed, scale, bias)
     I = x.shape[-1]
     x2 = x.reshape(-1, I).contiguous()
     y = torch.empty(x2.shape[0], out_features, dtype=torch.float32)
-    lib.mtpl_linear_q8(x2.data_ptr(), x2.shape[0], I, packed.data_ptr(), scale.data_ptr(),
-                       None if bias is None else bias.data_ptr(), y.data_ptr(), out_features, threads)
+    b = None if bias is None else bias.data_ptr()
+    if scale is None:
+        lib.mtpl_linear(x2.data_ptr(), x2.shape[0], I, packed.data_ptr(), b, y.data_ptr(), out_features, threads)
+    else:
+        lib.mtpl_linear_q8(x2.data_ptr(), x2.shape[0], I, packed.data_ptr(), scale.data_ptr(), b, y.data_ptr(),
+                           out_features, threads)
     return y.view(*x.shape[:-1], out_features)
 
 
 def linear_q8(x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor], out_features: int) -> torch.Tensor:
     """y = x (Wq * scale)^T through the kernel, ``packed`` from ``pack_q8(W)``: only the weight is
     quantized (x stays float32), so y is exact for the dequantized weight up to float32 rounding."""
-    return _call_q8(_lib, x, packed[0], packed[1], None, out_features, torch.get_num_threads())
+    return _call(_lib, x, packed[0], packed[1], None, out_features, torch.get_num_threads())
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
     """y = x W^T + bias through the kernel: x (..., I) float32 on the CPU, ``packed`` from ``pack(W)``,
     bias (O,) contiguous float32 or None. Only call where ``kernel()`` is not None."""
-    return _call(_lib, x, packed, bias, out_features, torch.get_num_threads())
+    return _call(_lib, x, packed, None, bias, out_features, torch.get_num_threads())
 
 
 def reference_chain(P: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mtp_lightning.checkpoint_io import load_for_inference  # noqa: E402
+from mtp_lightning.checkpoints.io import load_for_inference  # noqa: E402
 from mtp_lightning.decoding import speculative as sp  # noqa: E402
 from mtp_lightning.decoding.autoregressive import generate_ar, last_position  # noqa: E402
 from mtp_lightning.decoding.sampling import GREEDY  # noqa: E402

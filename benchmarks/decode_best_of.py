@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from mtp_lightning.checkpoint_io import load_for_inference
+from mtp_lightning.checkpoints.io import load_for_inference
 from mtp_lightning.data import checkpoint_datamodule
 from mtp_lightning.decoding import autoregressive as ar
 from mtp_lightning.decoding import speculative as sp

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mtp_lightning.checkpoint_io import META_KEY, load_for_inference, safe_load  # noqa: E402
+from mtp_lightning.checkpoints.io import META_KEY, load_for_inference, safe_load  # noqa: E402
 from mtp_lightning.decoding.bench import run_benchmark  # noqa: E402
 
 

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from mtp_lightning.checkpoint_io import load_for_inference
+from mtp_lightning.checkpoints.io import load_for_inference
 from mtp_lightning.decoding import autoregressive as ar
 from mtp_lightning.decoding import speculative as sp
 from mtp_lightning.model import fastpath

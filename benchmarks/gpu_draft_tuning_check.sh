@@ -24,7 +24,7 @@ python3 -m mtp_lightning fit --resume last "${COMMON[@]}" run.name=split draft_t
 python3 - "$R" <<'EOF'
 import sys
 import torch
-from mtp_lightning.checkpoint_io import safe_load
+from mtp_lightning.checkpoints.io import safe_load
 r = sys.argv[1]
 whole = safe_load(f"{r}/whole/checkpoints/last.ckpt")
 split = safe_load(f"{r}/split/checkpoints/last.ckpt")

@@ -13,7 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mtp_lightning.checkpoint_io import load_for_inference  # noqa: E402
+from mtp_lightning.checkpoints.io import load_for_inference  # noqa: E402
 from mtp_lightning.decoding import generate_speculative  # noqa: E402
 
 

@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true", help="rebuild the report from finished points")
     p.add_argument("--debug", action="store_true")
 
-    from mtp_lightning import bench_train
+    from mtp_lightning.experiments import bench_train
 
     p = sub.add_parser("bench-train", help="training step time and peak memory: next-token vs CP, naive vs "
                                            "lean loss, per vocabulary")
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
             args.config = [str(DEFAULT_RECIPE)]  # `fit` with no --config: the embedded default run
         if args.print_config:
             return _print_config(args)
-        from mtp_lightning.train import fit
+        from mtp_lightning.training.train import fit
 
         run_dir, stop = fit(args.config, args.overrides, args.resume)
         if stop.received is not None:
@@ -120,19 +120,19 @@ def run(args: argparse.Namespace) -> int:
     if args.command in ("validate", "test"):
         if args.print_config:
             return _print_config(args)
-        from mtp_lightning.train import evaluate
+        from mtp_lightning.training.train import evaluate
 
         results = evaluate(args.command, args.config, args.overrides, args.ckpt)
         for key, value in sorted(results[0].items()):
             print(f"{key:40s} {value:.4f}")
         return 0
     if args.command == "sweep":
-        from mtp_lightning.sweep import run_sweep
+        from mtp_lightning.experiments.sweep import run_sweep
 
         run_sweep(args.config, args.overrides, quick=args.quick, report_only=args.report_only)
         return 0
     if args.command == "bench-train":
-        from mtp_lightning import bench_train
+        from mtp_lightning.experiments import bench_train
 
         return bench_train.run(args)
     from mtp_lightning import decode_cli

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from mtp_lightning.checkpoint_io import atomic_write_text, load_for_inference
+from mtp_lightning.checkpoints.io import atomic_write_text, load_for_inference
 from mtp_lightning.errors import UserError
 
 
@@ -109,7 +109,7 @@ def heldout_bits_per_byte(model, dm, max_batches: int = 8) -> dict:
     """The model's next-token bits per byte on held-out windows, and gzip -9's on the whole held-out split."""
     import numpy as np
 
-    from mtp_lightning.cp_loss import cp_objective
+    from mtp_lightning.objectives.cp_loss import cp_objective
     from mtp_lightning.data.packing import split_window
 
     token_bytes = dm.tokenizer.token_bytes().float()

@@ -9,7 +9,7 @@ import shlex
 import pytest
 import torch
 
-from mtp_lightning.bench_train import add_arguments, build_specs, command_line, naive_bytes, run_specs
+from mtp_lightning.experiments.bench_train import add_arguments, build_specs, command_line, naive_bytes, run_specs
 from mtp_lightning.cli import main
 
 TOY = ["--vocab", "256", "--nr", "2x2", "--batch", "2", "--seq", "16", "--layers", "1", "--d-model", "16",

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mtp_lightning.config import LossConfig, load_config
-from mtp_lightning.cp_loss import balance_loss, cp_objective, mixture_health, target_logprob
+from mtp_lightning.objectives.cp_loss import balance_loss, cp_objective, mixture_health, target_logprob
 from mtp_lightning.model.cp_model import CPModel
 
 

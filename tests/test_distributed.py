@@ -24,12 +24,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from mtp_lightning.checkpoint_io import META_KEY, find_resume_checkpoint, safe_load
+from mtp_lightning.checkpoints.io import META_KEY, find_resume_checkpoint, safe_load
 from mtp_lightning.cli import main
 from mtp_lightning.config import LossConfig, load_config
-from mtp_lightning.cp_loss import cp_objective
+from mtp_lightning.objectives.cp_loss import cp_objective
 from mtp_lightning.data.packing import split_window
-from mtp_lightning.distributed import check_parallel_config, is_sharded_checkpoint, prepare_model
+from mtp_lightning.training.distributed import check_parallel_config, is_sharded_checkpoint, prepare_model
 from mtp_lightning.errors import UserError
 from mtp_lightning.model.cp_model import CPModel
 

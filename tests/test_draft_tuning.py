@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtp_lightning.checkpoint_io import load_for_inference, safe_load
+from mtp_lightning.checkpoints.io import load_for_inference, safe_load
 from mtp_lightning.cli import main
 from mtp_lightning.decoding.autoregressive import generate_ar
 from mtp_lightning.decoding.metrics import SpecAcceptance
 from mtp_lightning.decoding.sampling import Sampling
 from mtp_lightning.decoding.speculative import generate_speculative
-from mtp_lightning.draft_tuning import draft_objective, generate_pool, pool_batch
+from mtp_lightning.objectives.draft_tuning import draft_objective, generate_pool, pool_batch
 from tests.test_cp_loss import tiny_model
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf" / "smoke.yaml")

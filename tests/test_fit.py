@@ -107,7 +107,7 @@ def test_print_config_applies_overrides(capsys):
 
 
 def test_trained_model_speculative_equals_autoregressive(smoke_run):
-    from mtp_lightning.checkpoint_io import load_for_inference
+    from mtp_lightning.checkpoints.io import load_for_inference
     from tests.test_decoding import assert_greedy_parity
 
     model, tok, _ = load_for_inference(smoke_run / "checkpoints" / "last.ckpt")

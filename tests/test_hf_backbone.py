@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 from mtp_lightning.cli import main  # noqa: E402
 from mtp_lightning.config import BackboneConfig, HeadsConfig, LossConfig, ModelConfig, load_config  # noqa: E402
 from mtp_lightning.data.tokenizer import EOT, Tokenizer  # noqa: E402
-from mtp_lightning.distill import distill_objective, offset_weights  # noqa: E402
+from mtp_lightning.objectives.distill import distill_objective, offset_weights  # noqa: E402
 from mtp_lightning.errors import UserError  # noqa: E402
 from mtp_lightning.model.cp_model import CPModel  # noqa: E402
 
@@ -223,7 +223,7 @@ def heads_only_run(tmp_path_factory):
 
 
 def test_heads_only_fit_keeps_backbone_bit_identical(heads_only_run):
-    from mtp_lightning.checkpoint_io import META_KEY, load_for_inference, safe_load
+    from mtp_lightning.checkpoints.io import META_KEY, load_for_inference, safe_load
 
     folder, run = heads_only_run
     ckpt = safe_load(run / "checkpoints" / "last.ckpt")
@@ -267,7 +267,7 @@ def test_heads_only_resume_and_bench(heads_only_run, capsys, tmp_path):
 
 
 def test_changed_base_model_is_refused(heads_only_run, tmp_path):
-    from mtp_lightning.checkpoint_io import load_for_inference
+    from mtp_lightning.checkpoints.io import load_for_inference
 
     folder, run = heads_only_run
     other = make_tiny_hf(tmp_path / "other", "gpt2", seed=1)
@@ -280,7 +280,7 @@ def test_changed_base_model_is_refused(heads_only_run, tmp_path):
 
 @pytest.mark.slow
 def test_joint_fit_updates_the_backbone(tmp_path):
-    from mtp_lightning.checkpoint_io import load_for_inference, safe_load
+    from mtp_lightning.checkpoints.io import load_for_inference, safe_load
 
     folder = make_tiny_hf(tmp_path / "llama", "llama")
     code = main(fit_args(folder, tmp_path / "runs", "joint", "model.backbone.train_mode=joint",

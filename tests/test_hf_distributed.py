@@ -24,7 +24,7 @@ from tests.test_hf_backbone import (_one_thread, base_folder, base_weights, fit_
 @pytest.mark.distributed
 def test_ddp_with_a_frozen_backbone(tmp_path):
     """Two CPU processes (gloo): DDP syncs only the heads; the checkpoint still omits the backbone."""
-    from mtp_lightning.checkpoint_io import META_KEY, load_for_inference, safe_load
+    from mtp_lightning.checkpoints.io import META_KEY, load_for_inference, safe_load
 
     folder = make_tiny_hf(tmp_path / "gpt2", "gpt2")
     code = main(fit_args(folder, tmp_path / "runs", "ddp", "trainer.accelerator=cpu", "trainer.devices=2",
@@ -62,7 +62,7 @@ import os, sys, torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from mtp_lightning.config import BackboneConfig, HeadsConfig, LossConfig, ModelConfig
-from mtp_lightning.cp_loss import cp_objective
+from mtp_lightning.objectives.cp_loss import cp_objective
 from mtp_lightning.model.cp_model import CPModel
 from mtp_lightning.model.hf_backbone import shard_frozen_backbone
 dist.init_process_group("gloo", rank=0, world_size=1, init_method="tcp://127.0.0.1:" + sys.argv[2])
@@ -107,10 +107,10 @@ def _fsdp_hf_worker(rank: int, world: int, port: int, folder: str, out: str) -> 
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from mtp_lightning.cp_loss import cp_objective
+    from mtp_lightning.objectives.cp_loss import cp_objective
     from mtp_lightning.data.packing import split_window
     from mtp_lightning.decoding import generate_speculative
-    from mtp_lightning.distributed import prepare_model
+    from mtp_lightning.training.distributed import prepare_model
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -211,8 +211,8 @@ def test_fsdp_with_a_frozen_backbone_fits_and_resumes(tmp_path):
 
     import torch.distributed.checkpoint as dcp
 
-    from mtp_lightning.checkpoint_io import META_KEY, load_for_inference, safe_load
-    from mtp_lightning.distributed import is_sharded_checkpoint
+    from mtp_lightning.checkpoints.io import META_KEY, load_for_inference, safe_load
+    from mtp_lightning.training.distributed import is_sharded_checkpoint
     from tests.test_fit import tb_scalars
 
     folder = make_tiny_hf(tmp_path / "gpt2", "gpt2")

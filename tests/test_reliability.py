@@ -11,7 +11,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from mtp_lightning.checkpoint_io import AtomicCheckpointIO, safe_load
+from mtp_lightning.checkpoints.io import AtomicCheckpointIO, safe_load
 from mtp_lightning.cli import main
 from mtp_lightning.errors import UserError
 
@@ -101,7 +101,7 @@ def test_kill_during_save_leaves_the_previous_checkpoint_whole(tmp_path):
     # a child saves large checkpoints over the same path in a loop; it is killed mid-write
     child = subprocess.Popen([sys.executable, "-c", (
         "import sys, torch\n"
-        "from mtp_lightning.checkpoint_io import AtomicCheckpointIO\n"
+        "from mtp_lightning.checkpoints.io import AtomicCheckpointIO\n"
         "io = AtomicCheckpointIO()\n"
         "for i in range(1, 10**6):\n"
         "    io.save_checkpoint({'step': i, 'w': torch.full((4_000_000,), float(i))}, sys.argv[1])\n"
@@ -130,7 +130,7 @@ def test_a_failed_save_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch
 def _fit_with_nan(tmp_path, mode, monkeypatch):
     import lightning as L
 
-    from mtp_lightning import train
+    from mtp_lightning.training import train
 
     class PoisonAt(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):

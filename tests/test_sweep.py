@@ -11,8 +11,8 @@ import pytest
 
 from mtp_lightning.cli import main
 from mtp_lightning.errors import UserError
-from mtp_lightning.report import equal_time, judge_claims, trend
-from mtp_lightning.sweep import Sweep, load_sweep
+from mtp_lightning.experiments.report import equal_time, judge_claims, trend
+from mtp_lightning.experiments.sweep import Sweep, load_sweep
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 PRESETS = ["sweep_rank.yaml", "sweep_rank_text.yaml"]

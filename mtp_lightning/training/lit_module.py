@@ -17,8 +17,9 @@ from torchmetrics import SumMetric
 from torchmetrics.text import Perplexity
 
 from mtp_lightning.config import Config, OptimConfig
-from mtp_lightning.cp_loss import cp_objective, mixture_health
+from mtp_lightning.objectives.cp_loss import cp_objective, mixture_health
 from mtp_lightning.data.packing import split_window
+from mtp_lightning.checkpoints.rng import rng_states, set_rng_states
 from mtp_lightning.errors import UserError
 from mtp_lightning.model.cp_model import CPModel
 
@@ -61,7 +62,7 @@ class CPLightningModule(L.LightningModule):
         block; see ``distributed.py``. Lightning calls this for every strategy, once per fit/validate."""
         if self._model_prepared:
             return
-        from mtp_lightning.distributed import prepare_model
+        from mtp_lightning.training.distributed import prepare_model
 
         prepare_model(self.model, self.cfg.model, self.device_mesh)
         self._model_prepared = True
@@ -88,7 +89,7 @@ class CPLightningModule(L.LightningModule):
         if lc.joint_weight != 1.0:
             loss = loss + (lc.joint_weight - 1.0) * terms.joint_nll  # cp_objective weighs it 1
         if lc.distill_weight > 0:
-            from mtp_lightning.distill import distill_objective
+            from mtp_lightning.objectives.distill import distill_objective
 
             if self._teacher:  # joint mode: the base model as it was before training
                 teacher = self._teacher[0].to(z.device)
@@ -140,7 +141,7 @@ class CPLightningModule(L.LightningModule):
     def _draft_step(self) -> torch.Tensor:
         """One draft-tuning step. The data loader's window is not used: the batch comes from the pool of
         the model's own continuations, chosen by the step number alone (so a resume draws the same)."""
-        from mtp_lightning.draft_tuning import draft_objective, pool_batch
+        from mtp_lightning.objectives.draft_tuning import draft_objective, pool_batch
 
         dt, n = self.cfg.draft_tuning, self.model.n_future
         if self._draft_pool is None:
@@ -163,7 +164,7 @@ class CPLightningModule(L.LightningModule):
         from torch.distributed.fsdp import FSDPModule
 
         from mtp_lightning.decoding.sampling import Sampling
-        from mtp_lightning.draft_tuning import generate_pool
+        from mtp_lightning.objectives.draft_tuning import generate_pool
 
         dt = self.cfg.draft_tuning
         prompts = self.trainer.datamodule.val_prompts(dt.sequences, dt.prompt_len, split="train").to(self.device)
@@ -290,54 +291,21 @@ class CPLightningModule(L.LightningModule):
     # ---- checkpoint contents --------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        from mtp_lightning.checkpoint_io import add_run_metadata
+        from mtp_lightning.checkpoints.io import add_run_metadata
 
         add_run_metadata(checkpoint, self.cfg, self.trainer.datamodule.tokenizer)
         checkpoint["rng_states"] = rng_states()
         if self.model.backbone_frozen:
-            from mtp_lightning.checkpoint_io import omit_frozen_backbone
+            from mtp_lightning.checkpoints.io import omit_frozen_backbone
 
-            omit_frozen_backbone(checkpoint, self.model.trunk, prefix="model.trunk.")
+            omit_frozen_backbone(checkpoint, self.model.trunk)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "rng_states" in checkpoint:
             set_rng_states(checkpoint["rng_states"])
         if "state_dict" not in checkpoint:  # sharded (fsdp): the strategy has loaded the weights itself
             return
-        from mtp_lightning.checkpoint_io import restore_frozen_backbone
+        from mtp_lightning.checkpoints.io import restore_frozen_backbone
 
         # Lightning loads the state dict strictly after this hook: give it the base model's weights
-        checkpoint["state_dict"] = restore_frozen_backbone(checkpoint, self.model.trunk, "model.trunk.",
-                                                           "checkpoint")
-
-
-def rng_states() -> dict:
-    """Every library's RNG state as tensors and numbers, so ``weights_only`` loading can read it back."""
-    import random
-
-    import numpy as np
-
-    version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    states = {
-        "python": [version, torch.tensor(internal, dtype=torch.int64), gauss],
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict) -> None:
-    import random
-
-    import numpy as np
-
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(int(x) for x in internal.tolist()), gauss))
-    kind, keys, pos, has_gauss, cached = states["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        checkpoint["state_dict"] = restore_frozen_backbone(checkpoint, self.model.trunk, "checkpoint")

@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from mtp_lightning.checkpoint_io import (AtomicCheckpointIO, META_KEY, atomic_write_text,
+from mtp_lightning.checkpoints.io import (AtomicCheckpointIO, META_KEY, atomic_write_text,
                                          find_resume_checkpoint, safe_load)
 from mtp_lightning.config import Config, load_config, to_yaml
 from mtp_lightning.errors import UserError
@@ -78,7 +78,7 @@ def check_devices(cfg: Config) -> None:
     on_cpu = not gpu and not torch.cuda.is_available() or t.accelerator == "cpu"
     if t.precision == "16-mixed" and on_cpu:
         raise UserError("trainer.precision=16-mixed needs a GPU; use bf16-mixed or 32-true on the CPU")
-    from mtp_lightning.distributed import check_parallel_config
+    from mtp_lightning.training.distributed import check_parallel_config
 
     check_parallel_config(cfg)
 
@@ -105,7 +105,7 @@ def resolve_precision(cfg: Config) -> str:
 def build_strategy(cfg: Config):
     s = cfg.trainer.strategy
     if s == "fsdp":
-        from mtp_lightning.distributed import fsdp_strategy
+        from mtp_lightning.training.distributed import fsdp_strategy
 
         return fsdp_strategy(cfg)
     # draft tuning trains the draft maps only: DDP must not wait for the other parameters' gradients
@@ -217,7 +217,7 @@ def is_launched_child() -> bool:
 def build_data_and_module(cfg: Config, tokenizer_json: str | None = None):
     from mtp_lightning.data import build_datamodule
     from mtp_lightning.data.tokenizer import Tokenizer
-    from mtp_lightning.lit_module import CPLightningModule
+    from mtp_lightning.training.lit_module import CPLightningModule
 
     hf = cfg.model.backbone.kind == "hf"
     if hf and cfg.tokenizer.kind == "bpe":
@@ -272,11 +272,9 @@ def fit(files: list[str], overrides: list[str], resume: str | None = None) -> tu
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     dm, module, tok = build_data_and_module(cfg, tokenizer_json)
     if ckpt is not None:
-        from mtp_lightning.checkpoint_io import load_state, restore_frozen_backbone
+        from mtp_lightning.checkpoints.io import load_module_checkpoint
 
-        # refuse an architecture change up front, with one line instead of Lightning's traceback
-        load_state(module, restore_frozen_backbone(ckpt, module.model.trunk, "model.trunk.", ckpt_path),
-                   ckpt_path)
+        load_module_checkpoint(module, ckpt, ckpt_path)  # an architecture change is refused up front
         del ckpt
     paths = RunPaths(run_dir)
     if not is_launched_child():
@@ -301,9 +299,9 @@ def evaluate(stage: str, files: list[str], overrides: list[str], ckpt: str | Non
     cfg.trainer.strategy, cfg.trainer.devices = "auto", 1
     check_devices(cfg)
     dm, module, _ = build_data_and_module(cfg, loaded[META_KEY]["tokenizer"])
-    from mtp_lightning.checkpoint_io import load_state, restore_frozen_backbone
+    from mtp_lightning.checkpoints.io import load_module_checkpoint
 
-    load_state(module, restore_frozen_backbone(loaded, module.model.trunk, "model.trunk.", ckpt), ckpt)
+    load_module_checkpoint(module, loaded, ckpt)
     trainer = build_trainer(cfg, None, cfg.model.heads.n_future)
     run = trainer.validate if stage == "validate" else trainer.test
     return run(module, datamodule=dm, verbose=False)

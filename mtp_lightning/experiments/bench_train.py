@@ -164,7 +164,7 @@ def _time_steps(spec: dict) -> tuple[float, float, float]:
     import torch.nn.functional as F
 
     from mtp_lightning.config import GPTConfig, HeadsConfig, LossConfig, ModelConfig
-    from mtp_lightning.cp_loss import cp_objective, target_logprob
+    from mtp_lightning.objectives.cp_loss import cp_objective, target_logprob
     from mtp_lightning.model.cp_model import CPModel
     from mtp_lightning.model.gpt import GPT
 
@@ -203,7 +203,7 @@ def _time_steps(spec: dict) -> tuple[float, float, float]:
     elif strategy == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
 
-        from mtp_lightning.distributed import prepare_model
+        from mtp_lightning.training.distributed import prepare_model
 
         prepare_model(model, mcfg, init_device_mesh(device, (1,), mesh_dim_names=("data_parallel",)))
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
@@ -293,7 +293,7 @@ def run_specs(specs: list[dict], budget_gib: float, log=print, on_row=None) -> l
                                       f"(> --mem-budget-gib {budget_gib:g})"}
             log(f"  {label}: skipped ({row['skipped']})")
         else:
-            cmd = [sys.executable, "-m", "mtp_lightning.bench_train", WORKER_FLAG, json.dumps(spec)]
+            cmd = [sys.executable, "-m", "mtp_lightning.experiments.bench_train", WORKER_FLAG, json.dumps(spec)]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode != 0:
                 tail = (proc.stderr.strip().splitlines() or ["?"])[-1][:200]

@@ -27,7 +27,7 @@ import io
 import json
 from pathlib import Path
 
-from mtp_lightning.checkpoint_io import atomic_write_bytes, atomic_write_text
+from mtp_lightning.checkpoints.io import atomic_write_bytes, atomic_write_text
 
 RANK = "model.heads.rank"
 BALANCE = "model.loss.balance"
@@ -283,7 +283,7 @@ def markdown(record: dict, points: list[dict], claims: list[dict], et: dict, plo
     out += [_table(header, rows), "", "## The paper's claims", ""]
     out += [f"- **{c['claim']}: {c['verdict']}.** {c['evidence']}." for c in claims]
     out += ["", f"Rules: loss tolerance {LOSS_TOL} nats, flatness tolerance {FLAT_TOL} nats, acceptance "
-            f"tolerance {ACC_TOL} tokens (see `mtp_lightning/report.py`).", "",
+            f"tolerance {ACC_TOL} tokens (see `mtp_lightning/experiments/report.py`).", "",
             f"## Equal training time ({et['budget_s']:.1f} s)", "",
             "Each run is read at its last validation within the budget: seconds per step is the median over "
             "logging intervals (validation, checkpoints and resumes excluded). A partial run's learning rate "

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from mtp_lightning.checkpoint_io import atomic_write_text
+from mtp_lightning.checkpoints.io import atomic_write_text
 from mtp_lightning.config import ALL_KEYS, _flatten, _load_yaml, load_config, to_dict
 from mtp_lightning.errors import UserError, closest
 
@@ -210,7 +210,7 @@ class Sweep:
 
 def heldout_metrics(model, dm, max_batches: int) -> dict:
     """Losses, bits per byte and router statistics of ``model`` on ``dm``'s held-out windows."""
-    from mtp_lightning.cp_loss import cp_objective, mixture_health
+    from mtp_lightning.objectives.cp_loss import cp_objective, mixture_health
     from mtp_lightning.data.packing import split_window
 
     loss_cfg = dataclasses.replace(model.cfg.loss, position_fraction=1.0)
@@ -274,7 +274,7 @@ def newest_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
     By modification time, not by name: after a graceful stop, Lightning's ModelCheckpoint finds a
     ``last.ckpt`` it did not write and saves its later ones as ``last-v1.ckpt``, ``last-v2.ckpt``, ...
     """
-    from mtp_lightning.checkpoint_io import safe_load
+    from mtp_lightning.checkpoints.io import safe_load
 
     ckpts = sorted((run_dir / "checkpoints").glob("*.ckpt"), key=lambda c: -c.stat().st_mtime) \
         if (run_dir / "checkpoints").is_dir() else []
@@ -287,7 +287,7 @@ def newest_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
 
 
 def measure(run_dir: Path, m: MeasureConfig) -> dict:
-    from mtp_lightning.checkpoint_io import load_for_inference
+    from mtp_lightning.checkpoints.io import load_for_inference
     from mtp_lightning.data import checkpoint_datamodule
     from mtp_lightning.decoding.bench import run_benchmark
 
@@ -341,8 +341,8 @@ def machine() -> dict:
 
 def run_sweep(path: str, overrides: list[str], quick: bool = False, report_only: bool = False) -> Path:
     """Train, measure and report every point of the sweep file ``path``; returns the sweep folder."""
-    from mtp_lightning.report import write_report
-    from mtp_lightning.train import fit
+    from mtp_lightning.experiments.report import write_report
+    from mtp_lightning.training.train import fit
 
     sweep_over = [o for o in overrides if o.startswith("sweep.")]
     cfg, folder = load_sweep(path, sweep_over, quick)

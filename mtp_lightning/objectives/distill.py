@@ -31,7 +31,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from mtp_lightning.config import LossConfig
-from mtp_lightning.cp_loss import auto_chunk
+from mtp_lightning.objectives.cp_loss import auto_chunk
 from mtp_lightning.model.heads import CPHeads
 
 

@@ -30,6 +30,8 @@ from mtp_lightning.errors import UserError
 
 FORMAT_VERSION = 1
 META_KEY = "mtp_lightning"
+# a frozen backbone's keys in the LightningModule's state dict (CPLightningModule.model is the CPModel)
+FROZEN_PREFIX = "model.trunk."
 
 
 def add_run_metadata(checkpoint: dict, cfg: Config, tokenizer) -> None:
@@ -41,7 +43,7 @@ def add_run_metadata(checkpoint: dict, cfg: Config, tokenizer) -> None:
     }
 
 
-def omit_frozen_backbone(checkpoint: dict, trunk, prefix: str) -> None:
+def omit_frozen_backbone(checkpoint: dict, trunk, prefix: str = FROZEN_PREFIX) -> None:
     """Drop a frozen pretrained trunk's weights (keys under ``prefix``) and record its base model."""
     state = checkpoint["state_dict"]
     for key in [k for k in state if k.startswith(prefix)]:
@@ -50,7 +52,7 @@ def omit_frozen_backbone(checkpoint: dict, trunk, prefix: str) -> None:
                                           "fingerprint": trunk.fingerprint()}
 
 
-def restore_frozen_backbone(checkpoint: dict, trunk, prefix: str, path) -> dict:
+def restore_frozen_backbone(checkpoint: dict, trunk, path, prefix: str = FROZEN_PREFIX) -> dict:
     """``checkpoint["state_dict"]`` completed with the omitted backbone weights, taken from ``trunk``
     (just built from the base model), after checking that it is the base model the heads were
     trained on. A checkpoint that stores its whole model comes back unchanged."""
@@ -125,7 +127,7 @@ def safe_load(path: str | os.PathLike) -> dict:
     """Load a checkpoint without executing code; every failure is one clear ``UserError``."""
     path = Path(path)
     if path.is_dir():  # a sharded checkpoint (trainer.strategy=fsdp): shards and meta.pt in a folder
-        from mtp_lightning.distributed import load_sharded_checkpoint
+        from mtp_lightning.checkpoints.sharded import load_sharded_checkpoint
 
         return _check_contents(load_sharded_checkpoint(path), path)
     if not path.is_file():
@@ -175,8 +177,8 @@ def load_for_inference(path: str | os.PathLike, device: str = "cpu"):
                         f"embeds {rows.shape[0]}; the tokenizer does not belong to this checkpoint")
     cfg.model.gpt.vocab_size = tokenizer.vocab_size
     model = CPModel(cfg.model)
-    state = restore_frozen_backbone({**ckpt, "state_dict": state}, model.trunk, "trunk.", path)
-    load_state(model, state, path)
+    load_state(model, restore_frozen_backbone({**ckpt, "state_dict": state}, model.trunk, path,
+                                             prefix=FROZEN_PREFIX.removeprefix("model.")), path)
     return model.to(device).eval(), tokenizer, cfg
 
 
@@ -197,6 +199,12 @@ def load_state(model: torch.nn.Module, state: dict, path) -> None:
         raise UserError(f"checkpoint '{path}' does not match the model built from its config ({detail}); "
                         f"it was written by a different architecture or code version")
     model.load_state_dict(state)
+
+
+def load_module_checkpoint(module: torch.nn.Module, ckpt: dict, path) -> None:
+    """Load a checkpoint's weights into a ``CPLightningModule``, the frozen backbone restored from the
+    base model it was built with; an architecture change is one line instead of Lightning's traceback."""
+    load_state(module, restore_frozen_backbone(ckpt, module.model.trunk, path), path)
 
 
 def find_resume_checkpoint(run_dir: Path) -> Path:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from mtp_lightning.config import LossConfig
-from mtp_lightning.cp_loss import factor_logprobs
+from mtp_lightning.objectives.cp_loss import factor_logprobs
 from mtp_lightning.decoding.autoregressive import generate_ar
 from mtp_lightning.decoding.sampling import GREEDY, Sampling
 

@@ -95,7 +95,8 @@ class LossConfig:
     """Weight of the joint CP likelihood -log P(y_1..y_n). 0 trains by the other terms only (e.g.
     distillation alone)."""
     distill_weight: float = 0.0
-    """Weight of the per-offset distillation to the frozen base model (METHOD.md §2; ``kind=hf`` only):
+    """Weight of the per-offset distillation to the frozen base model (``kind=hf`` only; docs/method.md,
+    "Distillation to a frozen base model"):
     sum_s gamma^(s-1) [beta KL(p_base,s || q_s) + (1 - beta) CE(q_s, y_s)] / sum_s gamma^(s-1)."""
     distill_beta: float = 0.9
     """beta of the distillation: the KL's share, against the cross-entropy to the data."""
@@ -219,8 +220,9 @@ class SpecConfig:
 
 @dataclass
 class DraftTuningConfig:
-    """Self-distillation of the draft heads, run by ``fit`` after ``trainer.max_steps`` (METHOD.md §3
-    measures drafts against the model's own choices, so they are trained on the model's own text).
+    """Self-distillation of the draft heads, run by ``fit`` after ``trainer.max_steps`` (greedy decoding
+    keeps a draft only where it equals the model's own choice, docs/method.md, "Self-speculative
+    decoding", so the drafts are trained on the model's own text).
 
     At the first draft-tuning step the model greedily continues ``sequences`` prompts from the training
     split (``prompt_len`` tokens each, ``new_tokens`` more). Then, for ``steps`` optimizer steps, only

@@ -1,4 +1,4 @@
-"""Test session setup: offline Hugging Face, and caches in a temporary folder shared by the session."""
+"""Test setup: offline Hugging Face, and caches in one temporary folder shared by every test."""
 
 import os
 import tempfile

@@ -1,4 +1,5 @@
-"""Self-speculative decoding with rank-r CP heads (METHOD.md §3), batch >= 1, greedy or sampled.
+"""Self-speculative decoding with rank-r CP heads, batch >= 1, greedy or sampled (docs/method.md,
+"Self-speculative decoding").
 
 One step, for every row at once, starting from the last emitted token c and the trunk state at the
 position before it:

@@ -181,8 +181,9 @@ void mtpl_linear_q8(const float* x, int64_t M, int64_t I, const int8_t* wp, cons
 
 // ---- greedy drafts from rank-r CP factors --------------------------------------------------------
 //
-// A greedy speculative draft (METHOD.md §3) from the draft logits z (ks, r, V) of one position and the
-// expert posterior pi (r) after the last emitted token: for s = 0..ks-1,
+// A greedy speculative draft (docs/method.md, "Self-speculative decoding") from the draft logits
+// z (ks, r, V) of one position and the expert posterior pi (r) after the last emitted token: for
+// s = 0..ks-1,
 //     d_s = argmax_x sum_a pi_a softmax(z[s, a])(x),   then pi_a <- pi_a softmax(z[s, a])(d_s), renormalised.
 // A draft only proposes tokens (the verifier decides what is emitted), so the exponential here is a
 // fast polynomial one (relative error about 2e-7 on the reduced range) rather than libm's.

@@ -1,4 +1,5 @@
-"""Rank-r CP heads: a router and n x r factor heads over one shared unembedding (METHOD.md §1).
+"""Rank-r CP heads: a router and n x r factor heads over one shared unembedding (docs/method.md,
+"The model").
 
     P(x_{t+1..t+n} | z_t) = sum_a w_a(z_t) prod_s softmax(U h_{s,a}(z_t))[x_{t+s}]
 
@@ -55,7 +56,7 @@ class CPHeads(nn.Module):
         return self.n if self.kind == "block" else 0
 
     def router_logits(self, z: torch.Tensor) -> torch.Tensor:
-        """(..., D) -> (..., r). With r = 1 the softmax is the constant 1, as METHOD.md asks."""
+        """(..., D) -> (..., r). With r = 1 the softmax is the constant 1 (docs/method.md, "The model")."""
         return self.router(z)
 
     def offset_states(self, z: torch.Tensor, cache: KVCache | None = None) -> list[torch.Tensor]:

@@ -2,9 +2,9 @@
 
 Why a kernel of our own: decoding's products have 1 to a few dozen rows, and at that size the libraries'
 per-call costs dominate. ``python benchmarks/skinny_matmul.py 2`` on the 2-core AMD EPYC of
-docs/benchmarks.md ("Session 7"), median us, weights cold / hot: 4 x 256 -> 768 took 107 / 79 through
-oneDNN and 58 / 37 here; 4 x 256 -> 4096 took 324 / 149 against 224 / 86; one row 256 -> 768 took
-68 / 28 through MKL's matrix-vector product and 61 / 31 here.
+docs/benchmarks.md ("Few-row products"), median us, weights cold / hot: 4 x 256 -> 768 took
+107 / 79 through oneDNN and 58 / 37 here; 4 x 256 -> 4096 took 324 / 149 against 224 / 86; one row
+256 -> 768 took 68 / 28 through MKL's matrix-vector product and 61 / 31 here.
 
 How it is built: the first ``kernel()`` call compiles ``fewrow.cpp`` with the system's C++ compiler
 (``$CXX``, else ``g++``/``c++``; about 3 s) into ``$MTP_LIGHTNING_CACHE`` (default

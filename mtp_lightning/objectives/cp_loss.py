@@ -1,4 +1,5 @@
-"""The CP multi-token objective (METHOD.md §2), computed without holding n*r vocabulary-sized tensors.
+"""The CP multi-token objective, computed without holding n*r vocabulary-sized tensors (docs/method.md,
+"Training objective").
 
 Everything the objective and its diagnostics need is one small tensor,
 

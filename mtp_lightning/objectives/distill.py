@@ -1,4 +1,5 @@
-"""Per-offset distillation of the CP heads to a frozen base model (METHOD.md §2, fine-tuning term).
+"""Per-offset distillation of the CP heads to a frozen base model (docs/method.md, "Distillation to a
+frozen base model").
 
 For a position t and offset s (1-based), with q_s the CP model's marginal for offset s at t,
 

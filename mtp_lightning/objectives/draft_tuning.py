@@ -1,8 +1,9 @@
 """Draft tuning: self-distillation of the draft offsets on the model's own text.
 
 Greedy self-speculative decoding accepts a draft token when it equals the verifier's own argmax
-(METHOD.md §3), so what the draft offsets 2..n should predict is the model's own continuation, not
-the corpus. Medusa-2 trains its heads on self-generated text for the same reason. Here:
+(docs/method.md, "Self-speculative decoding"), so what the draft offsets 2..n should predict is the
+model's own continuation, not the corpus. Medusa-2 trains its heads on self-generated text for the
+same reason. Here:
 
 1. ``generate_pool``: the model continues prompts from the training split, with the verifier it
    decodes with, in eval mode: greedily (``draft_tuning.temperature=0``, for greedy decoding), or by

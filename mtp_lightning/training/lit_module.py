@@ -82,7 +82,8 @@ class CPLightningModule(L.LightningModule):
         return inputs, targets, z, states, terms
 
     def _add_extra_terms(self, terms, inputs, targets, z, states):
-        """The joint term's weight and the distillation to the base model (METHOD.md §2)."""
+        """The joint term's weight and the distillation to the base model (docs/method.md, "Training
+        objective")."""
         lc = self.cfg.model.loss
         self._extra_logs = {}
         loss = terms.loss

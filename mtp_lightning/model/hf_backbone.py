@@ -46,11 +46,16 @@ def require_transformers():
 
 
 def load_causal_lm(name_or_path: str) -> nn.Module:
-    """``AutoModelForCausalLM`` in float32 from a local folder or a hub id; one clear error otherwise.
+    """``AutoModelForCausalLM`` in float32 from a local folder, a hub id or a GGUF file
+    (``gguf_backbone``); one clear error otherwise.
 
     A hub id is tried only when the hub answers a TCP probe within seconds (``data.hub``); without a
     network only the local HF cache is used, so an unreachable id fails at once instead of retrying.
     """
+    from mtp_lightning.model import gguf_backbone
+
+    if gguf_backbone.is_gguf(name_or_path):
+        return gguf_backbone.load_gguf_causal_lm(name_or_path)
     transformers = require_transformers()
     from mtp_lightning.data.hub import offline_unless_reachable
 
@@ -158,6 +163,8 @@ class HFTrunk(nn.Module):
         self.lm = lm
         self.frozen = frozen
         self.name_or_path = name_or_path
+        self.gguf_file = ""
+        """The resolved path of a GGUF backbone's file ('' for folders and hub ids)."""
         self._fingerprint = ""
         if frozen:
             lm.requires_grad_(False)
@@ -169,8 +176,13 @@ class HFTrunk(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: BackboneConfig) -> HFTrunk:
-        return cls(load_causal_lm(cfg.name_or_path), frozen=cfg.train_mode == "heads_only",
-                   name_or_path=cfg.name_or_path)
+        from mtp_lightning.model.gguf_backbone import is_gguf, resolve_gguf
+
+        trunk = cls(load_causal_lm(cfg.name_or_path), frozen=cfg.train_mode == "heads_only",
+                    name_or_path=cfg.name_or_path)
+        if is_gguf(cfg.name_or_path):
+            trunk.gguf_file = str(resolve_gguf(cfg.name_or_path).resolve())
+        return trunk
 
     def train(self, mode: bool = True) -> HFTrunk:
         # a frozen backbone stays in eval mode (no dropout) whatever Lightning asks of the module tree

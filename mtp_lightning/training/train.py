@@ -217,15 +217,23 @@ def is_launched_child() -> bool:
 def build_data_and_module(cfg: Config, tokenizer_json: str | None = None):
     from mtp_lightning.data import build_datamodule
     from mtp_lightning.data.tokenizer import Tokenizer
+    from mtp_lightning.model.gguf_backbone import inspect_gguf, is_gguf, load_gguf_tokenizer
     from mtp_lightning.training.lit_module import CPLightningModule
 
     hf = cfg.model.backbone.kind == "hf"
-    if hf and cfg.tokenizer.kind == "bpe":
+    gguf = hf and is_gguf(cfg.model.backbone.name_or_path)
+    if gguf:
+        # every check of the file that its metadata allows, before a corpus is read or a folder written
+        inspect_gguf(cfg.model.backbone.name_or_path)
+    own_tokenizer = hf and cfg.tokenizer.kind == "bpe"
+    if own_tokenizer and not gguf:
         # a pretrained model reads its own tokenizer's ids (kind=file|hub names another one explicitly)
         cfg.tokenizer.kind, cfg.tokenizer.path = "hub", cfg.model.backbone.name_or_path
     dm = build_datamodule(cfg.data, cfg.tokenizer, cfg.model.heads.n_future, cfg.run.seed)
     if tokenizer_json is not None:
         dm.set_tokenizer(Tokenizer.from_json(tokenizer_json))
+    elif own_tokenizer and gguf:  # the tokenizer in the GGUF's metadata (tokenizer.kind stays bpe: "the model's")
+        dm.set_tokenizer(load_gguf_tokenizer(cfg.model.backbone.name_or_path))
     tok = dm.prepare_corpus()
     if hf:
         module = CPLightningModule(cfg, tok.token_bytes())

@@ -173,3 +173,73 @@ def test_fit_refuses_before_writing_anything(case, tiny, tmp_path, capsys, monke
 def test_names_that_are_gguf():
     assert gguf_backbone.is_gguf("a/b/Model.Q4_K_M.GGUF") and gguf_backbone.is_gguf(gguf_backbone.SMOLLM2)
     assert not gguf_backbone.is_gguf("HuggingFaceTB/SmolLM2-135M") and not gguf_backbone.is_gguf("/models/llama")
+
+
+# ---- sampling -------------------------------------------------------------------------------------
+
+SAMPLE_PROMPT, DRAWS = [5, 77, 130], 10_000
+
+
+def exact_two_token_distribution(model, prompt: list[int]) -> torch.Tensor:
+    """P(y1, y2 | prompt) under the base model (its own LM head), flattened (V * V,): y1 * V + y2."""
+    V = model.unembedding.shape[0]
+    idx = torch.tensor([prompt + [y] for y in range(V)])  # (V, P + 1)
+    with torch.no_grad():
+        logp = model.trunk.lm(input_ids=idx).logits.float().log_softmax(-1)  # (V, P + 1, V)
+    P = len(prompt)
+    return (logp[0, P - 1][:, None] + logp[:, P]).exp().flatten()  # (V * V,)
+
+
+def pooled_chi_square(outcomes: torch.Tensor, probs: torch.Tensor, min_expected: float) -> tuple[float, float]:
+    """Pearson's statistic over bins that each expect >= ``min_expected`` draws (outcomes sorted by
+    probability, the least likely pooled into one bin), and its 0.999 critical value (Wilson-Hilferty)."""
+    import math
+
+    N = outcomes.numel()
+    order = probs.argsort(descending=True)
+    kept = int((probs[order] * N >= min_expected).sum())
+    bin_of = torch.full_like(probs, kept, dtype=torch.long)
+    bin_of[order[:kept]] = torch.arange(kept)
+    expected = torch.cat([probs[order[:kept]], probs[order[kept:]].sum()[None]]) * N  # (kept + 1,)
+    observed = torch.bincount(bin_of[outcomes], minlength=kept + 1).double()
+    stat = float(((observed - expected) ** 2 / expected).sum())
+    df = kept
+    return stat, df * (1 - 2 / (9 * df) + 3.090 * math.sqrt(2 / (9 * df))) ** 3
+
+
+def test_sampled_speculative_has_the_base_distribution(tmp_path, monkeypatch):
+    """Temperature 1, no top-p: the first two tokens of 10,000 speculative draws (the second is a draft,
+    accepted or replaced from the residual) follow the base model's exact joint distribution.
+
+    A sharpened output layer makes the joint peaked (about 3 nats), so bins of >= 1% of the draws hold
+    most of its mass. The test has power: it rejects a sampler 2% off in total variation (2% of the
+    draws moved from the likeliest outcome to the second likeliest), simulated on the same bins, and a
+    decoder that accepts every draft."""
+    from mtp_lightning.decoding import Sampling, generate_speculative
+    from mtp_lightning.decoding import speculative
+
+    path = write_tiny_llama_gguf(tmp_path / "sharp.gguf", logit_scale=40.0)[0]
+    model = gguf_model(path, n_future=3, rank=2)
+    probs = exact_two_token_distribution(model, SAMPLE_PROMPT)
+    V = model.unembedding.shape[0]
+
+    def draws() -> torch.Tensor:
+        gen = generate_speculative(model, [SAMPLE_PROMPT] * DRAWS, 3, verifier="lm_head", draft_len=2,
+                                   sampling=Sampling(1.0), generator=torch.Generator().manual_seed(0))
+        assert sum(map(sum, gen.drafted)) == DRAWS  # every row drafted its second token
+        return torch.tensor([t[0] * V + t[1] for t in gen.tokens])
+
+    min_expected = 0.01 * DRAWS
+    stat, crit = pooled_chi_square(draws(), probs, min_expected)
+    assert stat < crit, f"speculative sampling is off the base distribution: chi2={stat:.1f} > {crit:.1f}"
+    top = probs.argsort(descending=True)[:2]
+    off = probs.clone()
+    off[top[0]] -= 0.02
+    off[top[1]] += 0.02
+    assert abs(0.5 * float((off - probs).abs().sum()) - 0.02) < 1e-6
+    wrong = torch.multinomial(off, DRAWS, replacement=True, generator=torch.Generator().manual_seed(1))
+    stat, crit = pooled_chi_square(wrong, probs, min_expected)
+    assert stat > crit, f"a 2% total-variation error went unnoticed: chi2={stat:.1f} <= {crit:.1f}"
+    monkeypatch.setattr(speculative, "acceptance_prob", lambda p, q: torch.ones_like(p))
+    stat, crit = pooled_chi_square(draws(), probs, min_expected)
+    assert stat > crit, f"a wrong acceptance rule went unnoticed: chi2={stat:.1f} <= {crit:.1f}"

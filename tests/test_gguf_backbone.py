@@ -243,3 +243,21 @@ def test_sampled_speculative_has_the_base_distribution(tmp_path, monkeypatch):
     monkeypatch.setattr(speculative, "acceptance_prob", lambda p, q: torch.ones_like(p))
     stat, crit = pooled_chi_square(draws(), probs, min_expected)
     assert stat > crit, f"a wrong acceptance rule went unnoticed: chi2={stat:.1f} <= {crit:.1f}"
+
+
+def test_real_model_decoders_benchmark_runs(tiny):
+    """benchmarks/real_model_decoders.py on the tiny GGUF Llama: the four decoders agree token for token."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "real_model_decoders", Path(__file__).resolve().parent.parent / "benchmarks" / "real_model_decoders.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    path, _, tok = tiny
+    model = gguf_model(path)
+    prompts = [tok.encode("def f(x):\n    return x + 1\n\ndef f(x):\n"), tok.encode("import os\nimport sys\n")]
+    results = bench.run(model, tok, prompts, 12, draft_len=0, lookup=4)
+    assert list(results) == ["hf_greedy", "hf_prompt_lookup", "ar", "cp_spec"]
+    assert all(r["identical_to_hf_greedy"] for r in results.values())
+    assert results["hf_greedy"]["speedup"] == 1.0 and results["ar"]["tau"] == 1.0
+    assert results["hf_prompt_lookup"]["tau"] >= 1.0 and results["cp_spec"]["tau"] >= 1.0

@@ -104,7 +104,7 @@ def inspect_gguf(name_or_path: str) -> GGUFInfo:
 @functools.lru_cache(maxsize=4)
 def _inspect(path: str, size: int, mtime_ns: int, name_or_path: str) -> GGUFInfo:
     """Cached per file version: the metadata parse of a large vocabulary takes seconds."""
-    from mtp_lightning.model.hf_backbone import require_transformers
+    from mtp_lightning.model.hf_backbone import quiet_transformers, require_transformers
 
     gguf = require_gguf(name_or_path)
     transformers = require_transformers()
@@ -126,7 +126,7 @@ def _inspect(path: str, size: int, mtime_ns: int, name_or_path: str) -> GGUFInfo
                         f"model's weights")
     p = Path(path)
     try:
-        with _quiet(transformers):
+        with quiet_transformers(transformers):
             config = transformers.AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name)
     except Exception as e:  # transformers raises ValueError/KeyError for architectures it has no mapping for
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
@@ -141,36 +141,16 @@ def _inspect(path: str, size: int, mtime_ns: int, name_or_path: str) -> GGUFInfo
     return GGUFInfo(p, arch, config)
 
 
-class _quiet:
-    """Silence transformers' advisory logs and progress bars (the dequantisation bar) for a block."""
-
-    def __init__(self, transformers):
-        self.t = transformers
-
-    def __enter__(self):
-        self.verbosity = self.t.logging.get_verbosity()
-        self.bars = self.t.logging.is_progress_bar_enabled()
-        self.t.logging.set_verbosity_error()
-        self.t.logging.disable_progress_bar()
-
-    def __exit__(self, *exc):
-        self.t.logging.set_verbosity(self.verbosity)
-        if self.bars:
-            self.t.logging.enable_progress_bar()
-
-
 def load_gguf_causal_lm(name_or_path: str) -> nn.Module:
     """The file's causal LM in float32, its weights dequantised, in eval mode."""
-    from mtp_lightning.model.hf_backbone import require_transformers
+    from mtp_lightning.model.hf_backbone import quiet_transformers, require_transformers
 
     info = inspect_gguf(name_or_path)
     transformers = require_transformers()
-    with _quiet(transformers):
-        fast = _fast_path_archs()
-        if info.architecture in fast:
-            lm = _from_pretrained(transformers, info, name_or_path)
-        else:
-            lm = _compose(transformers, info, name_or_path)
+    # the same split as transformers' own loader: its newer reader for the architectures it covers
+    load = _from_pretrained if info.architecture in _fast_path_archs() else _compose
+    with quiet_transformers(transformers):
+        lm = load(transformers, info, name_or_path)
     return lm.eval()
 
 
@@ -215,12 +195,12 @@ def _compose(transformers, info: GGUFInfo, name_or_path: str) -> nn.Module:
 def load_gguf_tokenizer(name_or_path: str):
     """The tokenizer the GGUF's metadata holds, as the run's ``Tokenizer`` (its eos is end-of-text)."""
     from mtp_lightning.data.tokenizer import Tokenizer
-    from mtp_lightning.model.hf_backbone import require_transformers
+    from mtp_lightning.model.hf_backbone import quiet_transformers, require_transformers
 
     info = inspect_gguf(name_or_path)
     transformers = require_transformers()
     try:
-        with _quiet(transformers):
+        with quiet_transformers(transformers):
             hf = transformers.AutoTokenizer.from_pretrained(str(info.path.parent), gguf_file=info.path.name)
     except Exception as e:  # a file without tokenizer metadata, or a tokenizer type transformers cannot build
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]

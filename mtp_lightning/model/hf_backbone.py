@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -64,16 +65,12 @@ def load_causal_lm(name_or_path: str) -> nn.Module:
     dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     kwargs = {dtype_kw: torch.float32}
     why = ""
-    verbosity = transformers.logging.get_verbosity()
-    bars = transformers.logging.is_progress_bar_enabled()
-    # a user does not need the loader's advisory notes and per-shard progress bars
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
     try:
-        if local.is_dir():
-            return transformers.AutoModelForCausalLM.from_pretrained(str(local), **kwargs)
-        with offline_unless_reachable() as why:
-            return transformers.AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+        with quiet_transformers(transformers):
+            if local.is_dir():
+                return transformers.AutoModelForCausalLM.from_pretrained(str(local), **kwargs)
+            with offline_unless_reachable() as why:
+                return transformers.AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except UserError:
         raise
     except Exception as e:  # missing folder files, unknown architecture, network, missing repo
@@ -83,6 +80,17 @@ def load_causal_lm(name_or_path: str) -> nn.Module:
         raise UserError(f"model.backbone.name_or_path='{name_or_path}' ({where}) cannot be loaded as a "
                         f"causal LM ({reason}); give a folder written by save_pretrained or a reachable "
                         f"hub id") from None
+
+
+@contextmanager
+def quiet_transformers(transformers):
+    """A user does not need the loader's advisory notes and per-shard progress bars."""
+    verbosity = transformers.logging.get_verbosity()
+    bars = transformers.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        yield
     finally:
         transformers.logging.set_verbosity(verbosity)
         if bars:

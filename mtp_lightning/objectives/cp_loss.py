@@ -158,9 +158,15 @@ def balance_loss(log_w: torch.Tensor, posterior: torch.Tensor, cfg: LossConfig) 
 
 
 def cp_objective(heads: CPHeads, z: torch.Tensor, states: list[torch.Tensor], U: torch.Tensor,
-                 targets: torch.Tensor, cfg: LossConfig, generator: torch.Generator | None = None
-                 ) -> CPTerms:
-    """z (B, T, D), states n x (B, T, D), targets (B, T, n) with targets[b, t, s] = x_{t+s+1}."""
+                 targets: torch.Tensor, cfg: LossConfig, generator: torch.Generator | None = None,
+                 lm_U: torch.Tensor | None = None, lm_targets: torch.Tensor | None = None) -> CPTerms:
+    """z (B, T, D), states n x (B, T, D), targets (B, T, n) with targets[b, t, s] = x_{t+s+1}.
+
+    U and targets are the heads' vocabulary: the full U and token ids, or with a draft vocabulary
+    (``draft_vocab.py``) U[draft_ids] plus the "other" row (V' + 1, D) and the targets' classes
+    (``CPModel.head_unembedding(other=True)``, ``head_targets``). The plain next-token head
+    (``lm_head_weight``) always covers the full vocabulary: ``lm_U`` (V, D) and ``lm_targets`` (B, T, n)
+    token ids, which default to U and targets."""
     B, T, n = targets.shape
     N = B * T
     z2 = z.reshape(N, -1)  # (N, D)
@@ -199,7 +205,9 @@ def cp_objective(heads: CPHeads, z: torch.Tensor, states: list[torch.Tensor], U:
         loss = loss + cfg.next_token_weight * next_nll
     lm_nll = None
     if cfg.lm_head_weight > 0:
-        lm_lp = target_logprob(z2, U, tg[:, 0], cfg.chunk_size, cfg.lean, cfg.bf16_unembed)  # (N,)
+        lm_tg = tg[:, 0] if lm_targets is None else lm_targets.reshape(N, n)[:, 0]
+        lm_lp = target_logprob(z2, U if lm_U is None else lm_U, lm_tg, cfg.chunk_size, cfg.lean,
+                               cfg.bf16_unembed)  # (N,)
         lm_nll = -lm_lp.mean()
         loss = loss + cfg.lm_head_weight * lm_nll
     return CPTerms(loss=loss, joint_nll=joint_nll, offset_nll=offset_nll, balance=aux,

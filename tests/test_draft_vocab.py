@@ -302,3 +302,29 @@ def test_heads_only_fit_with_distillation_over_a_draft_vocabulary(tmp_path):
     prompts = [tok.encode("def f(x):\n"), tok.encode("import sys\n")]
     assert generate_speculative(model, prompts, 10, verifier="lm_head").tokens == \
         generate_ar(model, prompts, 10, verifier="lm_head").tokens
+
+
+def test_frozen_draft_rows_skip_their_gradient_and_change_nothing_else():
+    """Heads-only: U is frozen, so the loss spends no product on its V' rows' gradient; the heads' and
+    the "other" row's gradients are the same as with the full gradient computed."""
+    model = draft_model(vocab=50, draft_vocab=16, rank=2, n_future=2).train()
+    model.trunk.requires_grad_(False)
+    assert model.head_frozen_rows == 16
+    torch.manual_seed(4)
+    z = torch.randn(2, 5, 32)
+    targets = model.head_targets(torch.randint(0, 50, (2, 5, 2)))
+    base_z = torch.randn(2, 5, 32)
+    grads = []
+    for frozen in (0, 16):
+        model.heads.zero_grad(set_to_none=True)
+        states = model.heads.offset_states(z)
+        U = model.head_unembedding(other=True)
+        loss = cp_objective(model.heads, z, states, U, targets, LossConfig(chunk_size=3), frozen_rows=frozen).loss
+        loss = loss + distill_objective(model.heads, z, states, U, base_z,
+                                        lambda x: model.lm_logits(x, model.heads.draft_ids), targets,
+                                        LossConfig(chunk_size=3), kl_cols=16, frozen_rows=frozen).loss
+        loss.backward()
+        grads.append({k: p.grad.clone() for k, p in model.heads.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and "other_row" in grads[0]
+    for k in grads[0]:
+        assert torch.allclose(grads[0][k], grads[1][k], atol=1e-6), k

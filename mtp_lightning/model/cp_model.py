@@ -92,6 +92,12 @@ class CPModel(nn.Module):
             rows = torch.cat([rows, self.heads.other_row.to(rows.dtype)[None]])  # (V' + 1, D)
         return rows
 
+    @property
+    def head_frozen_rows(self) -> int:
+        """Rows of ``head_unembedding(other=True)`` that get no gradient: the V' draft rows of a frozen U
+        (heads-only), whose gradient product the loss then skips; 0 otherwise."""
+        return self.draft_vocab if self.draft_vocab and not self.unembedding.requires_grad else 0
+
     def head_targets(self, targets: torch.Tensor) -> torch.Tensor:
         """Token ids (...) -> the heads' classes (...): the ids themselves for the full vocabulary, else
         each id's column among the V', and V' ("other") for rarer ids."""

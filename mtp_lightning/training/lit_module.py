@@ -82,7 +82,7 @@ class CPLightningModule(L.LightningModule):
         # the heads' vocabulary: the full one, or the draft vocabulary's V' ids and "other" (draft_vocab.py)
         classes = model.head_targets(targets)  # (B, T, n)
         terms = cp_objective(model.heads, z, states, model.head_unembedding(other=True), classes, loss_cfg,
-                             lm_U=model.unembedding, lm_targets=targets)
+                             lm_U=model.unembedding, lm_targets=targets, frozen_rows=model.head_frozen_rows)
         terms = self._add_extra_terms(terms, inputs, classes, z, states)
         return inputs, targets, z, states, terms
 
@@ -111,7 +111,7 @@ class CPLightningModule(L.LightningModule):
             if model.draft_vocab:  # the base model's logits at the V' ids only
                 base_logits = functools.partial(base_logits, rows=model.heads.draft_ids)
             d = distill_objective(model.heads, z, states, model.head_unembedding(other=True), base_z, base_logits,
-                                  classes, lc, kl_cols=model.draft_vocab)
+                                  classes, lc, kl_cols=model.draft_vocab, frozen_rows=model.head_frozen_rows)
             loss = loss + lc.distill_weight * d.loss
             self._extra_logs.update({"distill_loss": d.loss, "distill_kl_offset1": d.kl[0],
                                      "distill_kl": d.kl.mean(), "distill_ce": d.ce.mean()})

@@ -144,7 +144,8 @@ def run_row(spec: dict) -> dict:
     if strategy != "none":
         _init_group(device)
     try:
-        tiny = {**spec, "batch": 2, "seq": 8, "vocab": 64, "d_model": 2 * spec["heads"], "warmup": 0, "steps": 1}
+        tiny = {**spec, "batch": 2, "seq": 8, "vocab": 64, "d_model": 2 * spec["heads"], "warmup": 0, "steps": 1,
+                **({"draft_vocab": 32} if spec.get("draft_vocab") else {})}
         _time_steps(tiny)
         step_s, loss_s, before = _time_steps(spec)
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

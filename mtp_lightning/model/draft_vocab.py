@@ -1,6 +1,6 @@
 """A draft vocabulary: the heads predict over the V' most frequent tokens only (``model.heads.draft_vocab``).
 
-Multi-token heads cost n*r unembedding products per position, each V wide (METHOD.md §2). A draft
+Multi-token heads cost n*r unembedding products per position, each V wide (docs/method.md, "Training objective"). A draft
 only proposes tokens, and the verifier decides what is emitted, so the heads need not cover the whole
 vocabulary: FR-Spec (2025) and EAGLE-3 draft over the most frequent tokens (EAGLE-3: 32k of Llama-3's
 128k). Here the V' most frequent tokens of the tokenised training split are the heads' vocabulary.

@@ -81,6 +81,14 @@ class HeadsConfig:
     """Factor head h_{s,a}: ``linear`` | ``mlp`` (residual MLP, Medusa-style) | ``block`` (a transformer
     layer per offset, then a map to r vectors, Gloeckle-style)."""
     router_init_std: float = 0.02
+    draft_vocab: int = 0
+    """V': the heads predict over the V' most frequent tokens of the training split (FR-Spec, EAGLE-3's
+    draft vocabulary) plus one "other" class for every rarer token, so the n*r unembedding products of
+    the loss are V' (+1) wide instead of V. 0 (the default): the full vocabulary. Drafts map back to
+    full-vocabulary ids and the ``lm_head`` verifier keeps decoding exact (``model/draft_vocab.py``);
+    the ``marginal`` verifier needs the full vocabulary and is refused. The NLLs the run logs are then
+    over the coarsened vocabulary (V' tokens + "other"): lower than full-vocabulary NLLs, not
+    comparable with them."""
 
 
 @dataclass
@@ -433,6 +441,12 @@ def validate(cfg: Config) -> None:
         errors.append("model.loss weights must be >= 0")
     if cfg.optim.lr <= 0:
         errors.append(f"optim.lr={cfg.optim.lr} must be > 0")
+    if h.draft_vocab < 0:
+        errors.append(f"model.heads.draft_vocab={h.draft_vocab} must be >= 0 (0: the full vocabulary)")
+    if h.draft_vocab > 0 and cfg.spec.verifier == "marginal":
+        errors.append(f"model.heads.draft_vocab={h.draft_vocab} restricts the heads to a draft vocabulary, "
+                      f"but spec.verifier=marginal verifies with the heads' own offset-1 distribution, "
+                      f"which then lacks the other tokens; set spec.verifier=lm_head or draft_vocab=0")
     if cfg.spec.draft_len < 0 or cfg.spec.draft_len > max(h.n_future - 1, 0):
         errors.append(f"spec.draft_len={cfg.spec.draft_len} must be between 0 (auto) and "
                       f"model.heads.n_future - 1 = {h.n_future - 1}")

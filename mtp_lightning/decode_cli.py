@@ -118,7 +118,9 @@ def heldout_bits_per_byte(model, dm, max_batches: int = 8) -> dict:
         for _, window in zip(range(max_batches), dm.val_dataloader()):
             inputs, targets = split_window(window, model.n_future)
             z, states = model(inputs)
-            terms = cp_objective(model.heads, z, states, model.unembedding, targets, model.cfg.loss)
+            # a draft vocabulary's NLLs are over its coarser classes (draft_vocab.py): so is this figure
+            terms = cp_objective(model.heads, z, states, model.head_unembedding(other=True),
+                                 model.head_targets(targets), model.cfg.loss)
             nats += float(terms.token_nll.sum())
             nbytes += float(token_bytes[targets[..., 0]].sum())
     ids = np.load(dm.split_path("val")).tolist()

@@ -96,3 +96,21 @@ def test_a_cuda_row_counts_the_allocator_peak():
 def test_bench_train_refuses_cuda_without_a_gpu(capsys):
     assert main(["bench-train", "--device", "cuda"]) == 2
     assert "--device cuda but this machine has no CUDA GPU" in capsys.readouterr().err
+
+
+def test_heads_only_rows_with_a_draft_vocabulary(tmp_path, capsys):
+    out = tmp_path / "heads.json"
+    assert main(["bench-train", *TOY, "--heads-only", "--draft-vocab", "100", "--json", str(out)]) == 0
+    table = capsys.readouterr().out.strip().splitlines()
+    assert table[0].endswith("| floor / loss time | step / floor |")
+    assert "| 256 | CP n=2 r=2 V'=100 heads-only | lean |" in table[-1]
+    result = json.loads(out.read_text())
+    assert "--draft-vocab 100 --device cpu" in result["command"] and result["command"].endswith("--heads-only")
+    rows = result["rows"]
+    assert [(r["kind"], r.get("draft_vocab", 0), r["heads_only"]) for r in rows] == [("lean", 0, True), ("lean", 100, True)]
+    assert [r["product_width"] for r in rows] == [256, 101]
+    for row in rows:
+        assert row["floor_gflop"] == 6 * 4 * 2 * 16 * row["product_width"] * 16 / 1e9
+        assert math.isclose(row["step_over_floor"], row["step_s"] / row["floor_s"])
+    assert main(["bench-train", *TOY, "--draft-vocab", "256"]) == 2
+    assert "--draft-vocab 256 must be below every --vocab (256), or 0" in capsys.readouterr().err

@@ -206,6 +206,11 @@ class CorpusDataModule(L.LightningDataModule):
         self.prepare_corpus()
         return Path(self._meta["folder"]) / f"{split}.npy"
 
+    def token_counts(self, vocab_size: int, split: str = "train") -> np.ndarray:
+        """(vocab_size,) int64: how often each id occurs in a tokenised split (the draft vocabulary's
+        frequency ranking, ``model/draft_vocab.py``)."""
+        return np.bincount(np.load(self.split_path(split), mmap_mode="r"), minlength=vocab_size)
+
     def _dataset(self, split: str) -> WindowDataset:
         self.prepare_corpus()
         if split not in self._datasets:

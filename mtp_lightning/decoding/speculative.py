@@ -36,6 +36,11 @@ the bytes. Only the proposal changes: every emitted token is still decided by th
 verifier, so greedy output is the same token for token and sampling keeps the verifier's distribution
 (the min(1, p/q) rule uses the q that was sampled from).
 
+A draft vocabulary (``model.heads.draft_vocab``, ``model/draft_vocab.py``): the heads' factors cover V'
+ids; drafts are mapped back to token ids, and the sampled draft distribution is scattered into the
+full vocabulary with q = 0 elsewhere, so the acceptance rule and the residual stay exact. The verifier
+must then be ``lm_head``.
+
 Shape legend: B batch, k draft length, r experts, D width, V vocabulary.
 """
 
@@ -124,7 +129,11 @@ def draft(model, zt: torch.Tensor, st: list[torch.Tensor], lp1: torch.Tensor | N
     def pick(lp_s: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:  # (B, r, V), (B,) -> (B, r) log-probs
         return lp_s.gather(-1, tok.view(B, 1, 1).expand(B, r, 1)).squeeze(-1)
 
-    logpi = model.router_logw(zt) + pick(lp1, c)  # (B, r), unnormalised posterior after c
+    col, inside = _columns(model, c)
+    first = pick(lp1, col)  # (B, r) log P_a^(1)(c)
+    if inside is not None:  # c outside the draft vocabulary: the prior router weights (draft_vocab.py)
+        first = first.masked_fill(~inside[:, None], 0.0)
+    logpi = model.router_logw(zt) + first  # (B, r), unnormalised posterior after c
     # the mixture is summed in probability space: a (1, r) @ (r, V) product per draft, instead of a
     # logsumexp over experts per draft
     probs = lf.exp() if r > 1 else None  # (B, ks, r, V)
@@ -140,7 +149,14 @@ def draft(model, zt: torch.Tensor, st: list[torch.Tensor], lp1: torch.Tensor | N
         tokens.append(d)
         if r > 1 and s < ks:
             logpi = logpi + pick(lf[:, s - 1], d)
-    return torch.stack(tokens, 1), torch.stack(logqs, 1)  # (B, ks), (B, ks, V)
+    drafts, logq = torch.stack(tokens, 1), torch.stack(logqs, 1)  # (B, ks), (B, ks, V)
+    if getattr(model, "draft_vocab", 0):
+        # columns of the draft vocabulary -> token ids; q is zero (-inf) at every other id, so the
+        # verifier's min(1, p/q) and max(0, p - q) see the distribution the drafts were drawn from
+        ids = model.heads.draft_ids
+        full = logq.new_full((B, ks, model.unembedding.shape[0]), float("-inf"))  # (B, ks, V)
+        return ids[drafts], full.scatter_(-1, ids.expand(B, ks, -1), logq)
+    return drafts, logq
 
 
 def _greedy_draft(model, zt: torch.Tensor, st: list[torch.Tensor], joint1: torch.Tensor | None, c: torch.Tensor,
@@ -161,17 +177,36 @@ def _greedy_draft(model, zt: torch.Tensor, st: list[torch.Tensor], joint1: torch
         tokens = model.fused_greedy_draft(st[1], joint1, c, k, ks)  # None where the fused call does not apply
         if tokens is not None:
             return tokens
-    native_chain = c.device.type == "cpu" and native.chain_supports((ks, r, model.unembedding.shape[0]))  # a CPU kernel
+    width = getattr(model, "draft_vocab", 0) or model.unembedding.shape[0]  # V, or V' (draft vocabulary)
+    native_chain = c.device.type == "cpu" and native.chain_supports((ks, r, width))  # a CPU kernel
+    w = None
     if joint1 is None:
         lf = model.factor_logprobs(st, range(k + 1), probs=not native_chain, int8=int8, raw=native_chain)  # (B, k+1, r, V): offsets 1..k+1
         f1 = lf[:, 0].softmax(-1) if native_chain else lf[:, 0]
-        joint1, lf = f1 * model.router_logw(zt).exp()[..., None], lf[:, 1:ks + 1]
+        w = model.router_logw(zt).exp()  # (B, r)
+        joint1, lf = f1 * w[..., None], lf[:, 1:ks + 1]
     else:
         lf = model.factor_logprobs(st, range(1, k + 1), probs=not native_chain, int8=int8, raw=native_chain)[:, :ks]  # (B, ks, r, V)
+    col, inside = _columns(model, c)
+    pi = joint1.gather(-1, col.view(B, 1, 1).expand(B, r, 1)).view(B, r)  # (B, r)
+    if inside is not None:  # c outside the draft vocabulary: the prior router weights (draft_vocab.py)
+        pi = torch.where(inside[:, None], pi, w)
     # a probability that underflowed to 0 for every expert (possible only when the lm_head verifier's
     # token is far from all heads) must not zero the posterior
-    pi = joint1.gather(-1, c.view(B, 1, 1).expand(B, r, 1)).view(B, r).clamp_min(torch.finfo(joint1.dtype).tiny)
-    return native.greedy_chain(lf, pi) if native_chain else native.reference_chain(lf, pi)
+    pi = pi.clamp_min(torch.finfo(joint1.dtype).tiny)
+    drafts = native.greedy_chain(lf, pi) if native_chain else native.reference_chain(lf, pi)  # (B, ks)
+    return model.draft_tokens(drafts) if getattr(model, "draft_vocab", 0) else drafts
+
+
+def _columns(model, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token ids c (B,) -> their columns in the heads' vocabulary (B,), and which of them are inside it
+    (B,) bool; None when the heads cover the full vocabulary (every id is its own column). An id outside
+    a draft vocabulary gets column 0, to be masked by the caller."""
+    if not getattr(model, "draft_vocab", 0):
+        return c, None
+    col = model.head_targets(c)  # (B,) V' for ids outside
+    inside = col < model.draft_vocab
+    return col.masked_fill(~inside, 0), inside
 
 
 def verify(logp: torch.Tensor, drafts: torch.Tensor, logq: torch.Tensor, allow: torch.Tensor | None,

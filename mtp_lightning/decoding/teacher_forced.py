@@ -34,13 +34,14 @@ def teacher_forced_acceptance(model, windows: torch.Tensor, draft_len: int = 0, 
     if T < k + 1:
         raise ValueError(f"windows of {W} tokens leave T={T} inputs for n_future={n}; need at least "
                          f"draft_len + 1 = {k + 1}")
-    V = model.unembedding.shape[0]
+    draft_vocab = getattr(model, "draft_vocab", 0)
+    V = draft_vocab or model.unembedding.shape[0]  # the heads' vocabulary: V, or V' (draft_vocab.py)
     r = model.rank
     with torch.inference_mode():
         windows = windows.to(model.unembedding.device)
         z, states = model(windows[:, :T])  # (B, T, D), n x (B, T, D)
 
-        step = max(1, chunk_elems // (B * r * V))
+        step = max(1, chunk_elems // (B * r * model.unembedding.shape[0]))  # the verifier's full vocabulary
         judge = torch.cat([model.verifier_logprobs(z[:, a:a + step], [s[:, a:a + step] for s in states],
                                                    verifier).argmax(-1)
                            for a in range(0, T, step)], 1)  # (B, T): the verifier's greedy token
@@ -55,8 +56,15 @@ def teacher_forced_acceptance(model, windows: torch.Tensor, draft_len: int = 0, 
             ok = []
             for o in range(1, k + 1):  # draft offset o+1, conditioned on the data y_1..y_o
                 y = windows[:, a + o: b + o]  # (B, C) y_o = x_{t+o}
-                logpi = logpi + lf[:, :, o - 1].gather(-1, y[:, :, None, None].expand(-1, -1, r, 1)).squeeze(-1)
+                if draft_vocab:  # its column; an id outside the draft vocabulary leaves the posterior as it is
+                    y = model.head_targets(y)
+                    inside = y < draft_vocab
+                    y = y.masked_fill(~inside, 0)
+                lp_y = lf[:, :, o - 1].gather(-1, y[:, :, None, None].expand(-1, -1, r, 1)).squeeze(-1)  # (B, C, r)
+                logpi = logpi + (lp_y.masked_fill(~inside[..., None], 0.0) if draft_vocab else lp_y)
                 d = torch.logsumexp(logpi[..., None] + lf[:, :, o], dim=-2).argmax(-1)  # (B, C)
+                if draft_vocab:
+                    d = model.draft_tokens(d)
                 ok.append(d == judge[:, a + o: b + o])  # the verifier at t+o judges x_{t+o+1}
             m = torch.stack(ok, -1).long().cumprod(-1).sum(-1)  # (B, C) leading matches
             total += m.sum()

@@ -4,7 +4,14 @@ Rows, all on the same trunk and the same batch x time tokens (random ids: the co
 them), at each vocabulary asked for:
 - ``ntp``: plain next-token training, ``cross_entropy(z @ U^T, y)`` with the whole logits tensor;
 - ``ntp-lean``: the same loss through the chunked ``target_logprob``;
-- CP heads at each (n, r), with the ``naive`` loss (every n*r logits tensor held) and the ``lean`` one.
+- CP heads at each (n, r), with the ``naive`` loss (every n*r logits tensor held) and the ``lean`` one;
+- with ``--draft-vocab V'``, a ``lean`` row per (n, r) whose heads predict over a draft vocabulary of
+  V' ids plus "other" (``model.heads.draft_vocab``, ``model/draft_vocab.py``): products V' + 1 wide.
+
+``--heads-only`` benchmarks heads-only training on a frozen trunk, as ``model.backbone.train_mode=
+heads_only`` trains: the trunk runs without autograd and has no optimizer state, U gets no gradient,
+and only the ``lean`` rows run (the next-token and naive rows train a trunk). The trunk is this
+project's GPT at ``--layers``: its forward is part of ``step_s``, the heads and loss are ``loss_s``.
 
 A step is forward, backward and an AdamW update. Each row runs in a fresh process, so its peak
 resident memory (``ru_maxrss``) is its own; glibc is told to return every block of 64 KiB or more to
@@ -16,8 +23,11 @@ trunk with no extra work.
 
 FLOP floor: the n*r unembedding products of a step cost at least 3 * 2*N*V*D each (the logits, then
 the gradients of h and of U), 6*n*r*N*V*D in all; the lean loss does one more product per chunk (the
-recomputed logits), 8*n*r*N*V*D. ``floor_s`` is the floor at the matmul rate measured in the same
-process for the loss's own shapes; ``floor_s / loss_s`` is how close the loss gets to it.
+recomputed logits), 8*n*r*N*V*D (6*n*r*N*V*D again with ``--heads-only``, where U needs no gradient).
+V is the products' width: V' + 1 for a draft vocabulary. ``floor_s`` is the floor at the matmul rate
+measured in the same process on the products' own shape ((1024, D) @ (D, V) on a CPU, N rows on a
+GPU); ``floor_s / loss_s`` is how close the loss gets to it, and ``step_over_floor`` = ``step_s / floor_s`` is the whole
+step (trunk, heads, loss, update) as a multiple of it.
 
 On a GPU (``--device cuda``) the model and the batch live there, steps are timed between
 ``torch.cuda.synchronize()`` calls, and ``step_peak_mib`` is ``torch.cuda.max_memory_allocated()``
@@ -134,7 +144,8 @@ def run_row(spec: dict) -> dict:
     if strategy != "none":
         _init_group(device)
     try:
-        tiny = {**spec, "batch": 2, "seq": 8, "vocab": 64, "d_model": 2 * spec["heads"], "warmup": 0, "steps": 1}
+        tiny = {**spec, "batch": 2, "seq": 8, "vocab": 64, "d_model": 2 * spec["heads"], "warmup": 0, "steps": 1,
+                **({"draft_vocab": 32} if spec.get("draft_vocab") else {})}
         _time_steps(tiny)
         step_s, loss_s, before = _time_steps(spec)
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
@@ -145,16 +156,17 @@ def run_row(spec: dict) -> dict:
             peak, extra = peak_rss, {"peak_kind": "rss"}
         B, T, V, D, n, r = spec["batch"], spec["seq"], spec["vocab"], spec["d_model"], spec["n"], spec["r"]
         products = 1 if spec["kind"].startswith("ntp") else n * r
-        floor = 6.0 * products * B * T * V * D
+        width = spec["draft_vocab"] + 1 if spec.get("draft_vocab") else V  # the products' width
+        floor = 6.0 * products * B * T * width * D
         dtype = products_dtype(spec)
-        rate = _matmul_gflops(D, V, rows=B * T if device == "cuda" else 1024, device=device, dtype=dtype)
+        rate = _matmul_gflops(D, width, rows=B * T if device == "cuda" else 1024, device=device, dtype=dtype)
     finally:
         if strategy != "none":
             torch.distributed.destroy_process_group()
     return {**spec, "products": products, "step_s": step_s, "loss_s": loss_s, "tokens_per_s": B * T / step_s,
             "peak_rss_mib": peak_rss, "step_peak_mib": peak - before, **extra, "matmul_dtype": dtype,
-            "matmul_gflops": rate, "floor_gflop": floor / 1e9, "floor_s": floor / 1e9 / rate,
-            "floor_over_loss": floor / 1e9 / rate / loss_s}
+            "matmul_gflops": rate, "product_width": width, "floor_gflop": floor / 1e9, "floor_s": floor / 1e9 / rate,
+            "floor_over_loss": floor / 1e9 / rate / loss_s, "step_over_floor": step_s / (floor / 1e9 / rate)}
 
 
 def _time_steps(spec: dict) -> tuple[float, float, float]:
@@ -189,8 +201,12 @@ def _time_steps(spec: dict) -> tuple[float, float, float]:
         mcfg = ModelConfig(gpt=gpt)
         model = GPT(gpt)
     else:
-        mcfg = ModelConfig(gpt=gpt, heads=HeadsConfig(n_future=n, rank=r, kind="mlp"))
+        mcfg = ModelConfig(gpt=gpt, heads=HeadsConfig(n_future=n, rank=r, kind="mlp",
+                                                      draft_vocab=spec.get("draft_vocab", 0)))
         model = CPModel(mcfg)
+    heads_only = bool(spec.get("heads_only"))
+    if heads_only:
+        model.trunk.requires_grad_(False)
     loss_cfg = LossConfig(balance="switch", next_token_weight=0.0, lm_head_weight=0.0, position_fraction=1.0,
                           lean=kind == "lean", bf16_unembed=bf16_unembed)
     if device != "cpu":
@@ -206,7 +222,7 @@ def _time_steps(spec: dict) -> tuple[float, float, float]:
         from mtp_lightning.training.distributed import prepare_model
 
         prepare_model(model, mcfg, init_device_mesh(device, (1,), mesh_dim_names=("data_parallel",)))
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, V, (B, T), generator=g)  # (B, T)
     y = torch.randint(0, V, (B, T, max(n, 1)), generator=g)  # (B, T, n)
@@ -221,6 +237,10 @@ def _time_steps(spec: dict) -> tuple[float, float, float]:
             if kind.startswith("ntp"):
                 z = net(x)  # (B, T, D)
                 outs = [z]
+            elif heads_only:  # the frozen trunk without autograd; only the heads learn
+                with torch.no_grad():
+                    z = model.trunk(x)  # (B, T, D)
+                outs = [z, *model.heads.offset_states(z)]
             else:
                 z, states = net(x)  # (B, T, D), n x (B, T, D)
                 outs = [z, *states]
@@ -233,12 +253,15 @@ def _time_steps(spec: dict) -> tuple[float, float, float]:
             elif kind == "ntp-lean":
                 loss = -target_logprob(leaves[0].reshape(B * T, D), model.unembedding, y[..., 0].reshape(-1),
                                        bf16=bf16_unembed).mean()
-            else:
-                loss = cp_objective(model.heads, leaves[0], leaves[1:], model.unembedding, y, loss_cfg).loss
+            else:  # the heads' vocabulary: U itself, or the draft vocabulary's rows and "other"
+                loss = cp_objective(model.heads, leaves[0], leaves[1:], model.head_unembedding(other=True),
+                                    model.head_targets(y), loss_cfg, frozen_rows=model.head_frozen_rows).loss
         loss.backward()
         sync()
         t2 = time.perf_counter()
-        torch.autograd.backward(outs, [leaf.grad for leaf in leaves])
+        backed = [(o, leaf.grad) for o, leaf in zip(outs, leaves) if o.requires_grad and leaf.grad is not None]
+        if backed:
+            torch.autograd.backward(*zip(*backed))
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync()
@@ -270,14 +293,25 @@ def build_specs(args) -> list[dict]:
             "device": args.device, "precision": args.precision, "strategy": args.strategy}
     if args.bf16_unembed:
         base["bf16_unembed"] = True
+    if args.heads_only:
+        base["heads_only"] = True
     specs = []
     for V in args.vocab:
+        if args.heads_only:  # a frozen trunk: the lean CP rows only, at V and at the draft vocabulary
+            for nr in args.nr:
+                n, r = (int(v) for v in nr.lower().split("x"))
+                specs.append({**base, "vocab": V, "n": n, "r": r, "kind": "lean"})
+                if args.draft_vocab:
+                    specs.append({**base, "vocab": V, "n": n, "r": r, "kind": "lean", "draft_vocab": args.draft_vocab})
+            continue
         specs.append({**base, "vocab": V, "n": 1, "r": 1, "kind": "ntp"})
         specs.append({**base, "vocab": V, "n": 1, "r": 1, "kind": "ntp-lean"})
         for nr in args.nr:
             n, r = (int(v) for v in nr.lower().split("x"))
             for kind in ("naive", "lean"):
                 specs.append({**base, "vocab": V, "n": n, "r": r, "kind": kind})
+            if args.draft_vocab:
+                specs.append({**base, "vocab": V, "n": n, "r": r, "kind": "lean", "draft_vocab": args.draft_vocab})
     return specs
 
 
@@ -286,7 +320,8 @@ def run_specs(specs: list[dict], budget_gib: float, log=print, on_row=None) -> l
     rows = []
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     for spec in specs:
-        label = f"V={spec['vocab']} {spec['kind']} n={spec['n']} r={spec['r']}"
+        label = f"V={spec['vocab']} {spec['kind']} n={spec['n']} r={spec['r']}" + \
+            (f" V'={spec['draft_vocab']}" if spec.get("draft_vocab") else "")
         if spec["kind"] == "naive" and naive_bytes(spec) > budget_gib * 2**30:
             need = naive_bytes(spec) / 2**30
             row = {**spec, "skipped": f"naive loss would hold ~{need:.1f} GiB of logits "
@@ -326,14 +361,15 @@ def summarise(rows: list[dict]) -> dict:
                            "tokens": row["batch"] * row["seq"]})
     speed = []
     for row in done:
-        if row["kind"] == "lean":
+        if row["kind"] == "lean" and not row.get("draft_vocab"):
             naive = find(row["vocab"], "naive", row["n"], row["r"])
             if naive is not None:
                 speed.append({"vocab": row["vocab"], "n": row["n"], "r": row["r"], "lean_s": row["step_s"],
                               "naive_s": naive["step_s"], "lean_le_naive": row["step_s"] <= naive["step_s"]})
     return {"memory_vs_ntp": memory, "lean_vs_naive": speed,
-            "floor": [{"vocab": x["vocab"], "n": x["n"], "r": x["r"], "loss": x["kind"],
-                       "floor_over_loss": x["floor_over_loss"]} for x in done if x["kind"] in ("lean", "naive")]}
+            "floor": [{"vocab": x["vocab"], "draft_vocab": x.get("draft_vocab", 0), "n": x["n"], "r": x["r"],
+                       "loss": x["kind"], "floor_over_loss": x["floor_over_loss"],
+                       "step_over_floor": x["step_over_floor"]} for x in done if x["kind"] in ("lean", "naive")]}
 
 
 def format_table(rows: list[dict]) -> str:
@@ -341,19 +377,23 @@ def format_table(rows: list[dict]) -> str:
     cuda = any(x.get("peak_kind") == "cuda_max_allocated" for x in rows)
     peak = "peak MiB (step, CUDA allocated)" if cuda else "peak MiB (step)"
     head = (f"| vocab | model | loss | step s | tokens/s | heads+loss s | {peak} | x ntp peak "
-            "| floor GFLOP | floor / loss time |")
+            "| floor GFLOP | floor / loss time | step / floor |")
     lines = [head, "| " + " | ".join(["---"] * (head.count("|") - 1)) + " |"]
     ntp_peak = {x["vocab"]: x["step_peak_mib"] for x in rows if x["kind"] == "ntp" and "skipped" not in x}
     for x in rows:
         model = "next-token" if x["kind"].startswith("ntp") else f"CP n={x['n']} r={x['r']}"
+        if x.get("draft_vocab"):
+            model += f" V'={x['draft_vocab']}"
+        if x.get("heads_only"):
+            model += " heads-only"
         loss = {"ntp": "full logits", "ntp-lean": "lean", "naive": "naive", "lean": "lean"}[x["kind"]]
         if "skipped" in x:
-            lines.append(f"| {x['vocab']} | {model} | {loss} | - | - | - | - | - | - | {x['skipped']} |")
+            lines.append(f"| {x['vocab']} | {model} | {loss} | - | - | - | - | - | - | {x['skipped']} | - |")
             continue
         ratio = x["step_peak_mib"] / ntp_peak[x["vocab"]] if x["vocab"] in ntp_peak else float("nan")
         lines.append(f"| {x['vocab']} | {model} | {loss} | {x['step_s']:.2f} | {x['tokens_per_s']:,.0f} | "
                      f"{x['loss_s']:.2f} | {x['step_peak_mib']:,.0f} | {ratio:.2f} | {x['floor_gflop']:,.0f} | "
-                     f"{x['floor_over_loss']:.2f} |")
+                     f"{x['floor_over_loss']:.2f} | {x['step_over_floor']:.2f} |")
     return "\n".join(lines)
 
 
@@ -383,12 +423,14 @@ def command_line(args: argparse.Namespace) -> str:
     """The command that reproduces this run, every option spelled out."""
     parts = ["python -m mtp_lightning bench-train"]
     for key in ("vocab", "nr", "batch", "seq", "layers", "heads", "d_model", "warmup", "steps", "threads",
-                "mem_budget_gib", "device", "precision", "strategy"):
+                "mem_budget_gib", "draft_vocab", "device", "precision", "strategy"):
         value = getattr(args, key)
         parts.append(f"--{key.replace('_', '-')} " + (" ".join(map(str, value)) if isinstance(value, list)
                                                        else str(value)))
     if args.bf16_unembed:
         parts.append("--bf16-unembed")
+    if args.heads_only:
+        parts.append("--heads-only")
     return " ".join(parts)
 
 
@@ -413,6 +455,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the lean loss's products in bf16 too (LossConfig.bf16_unembed); else float32")
     p.add_argument("--strategy", choices=["none", "ddp", "fsdp"], default="none",
                    help="wrap the model in DDP or FSDP2 (per block, then root) in a one-process group")
+    p.add_argument("--draft-vocab", type=int, default=0, metavar="V'",
+                   help="also a lean row per NxR whose heads predict over V' ids plus 'other' (0: none)")
+    p.add_argument("--heads-only", action="store_true",
+                   help="a frozen trunk (no gradient, no optimizer state) and lean rows only")
     p.add_argument("--json", metavar="OUT", default="bench_train.json", help="where to write the results")
 
 
@@ -423,6 +469,8 @@ def run(args: argparse.Namespace) -> int:
                                                                               for v in nr.lower().split("x"))]
     if bad:
         raise UserError(f"--nr {bad[0]!r} is not of the form NxR with positive integers (e.g. 4x8)")
+    if args.draft_vocab and not 0 < args.draft_vocab < min(args.vocab):
+        raise UserError(f"--draft-vocab {args.draft_vocab} must be below every --vocab ({min(args.vocab)}), or 0")
     if min(args.vocab) < 2 or args.batch < 1 or args.seq < 2 or args.steps < 1 or args.d_model % args.heads:
         raise UserError("bench-train needs --vocab >= 2, --batch >= 1, --seq >= 2, --steps >= 1 and "
                         "--heads dividing --d-model")

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from mtp_lightning.config import ModelConfig
 from mtp_lightning.model import fastpath, native
+from mtp_lightning.model.draft_vocab import column_of
 from mtp_lightning.model.fastpath import skinny_linear
 from mtp_lightning.model.gpt import GPT, KVCache
 from mtp_lightning.model.heads import CPHeads
@@ -43,6 +44,7 @@ class CPModel(nn.Module):
             trunk_cfg, first_cache_layer = cfg.gpt, cfg.gpt.n_layer
         self._max_seq_len = trunk_cfg.max_seq_len
         self.heads = CPHeads(cfg.heads, trunk_cfg, first_cache_layer=first_cache_layer)
+        self._draft_rows: tuple | None = None  # decoding's gathered U[draft_ids], see head_unembedding
 
     @property
     def n_future(self) -> int:
@@ -60,16 +62,66 @@ class CPModel(nn.Module):
     def max_seq_len(self) -> int:
         return self._max_seq_len
 
+    # ---- the heads' vocabulary (``draft_vocab.py``) ----------------------------------------------
+
+    @property
+    def draft_vocab(self) -> int:
+        """V', the heads' draft vocabulary; 0 when they predict over the full vocabulary."""
+        return self.heads.draft_vocab
+
+    def head_unembedding(self, other: bool = False) -> torch.Tensor:
+        """The rows of U the heads' products use: U (V, D) itself for the full vocabulary, else
+        U[draft_ids] (V', D), with the "other" class's row appended (V' + 1, D) when ``other`` (the
+        loss). A gather of the shared U, so gradients reach its rows; without autograd (decoding) the
+        gathered rows are kept while U and the ids are unchanged, so the decoders' weight copies of it
+        (``fastpath``) are made once per generation, not per step."""
+        U = self.unembedding
+        if not self.draft_vocab:
+            return U
+        ids = self.heads.draft_ids
+        if torch.is_grad_enabled():
+            rows = U.index_select(0, ids)  # (V', D)
+        else:
+            key = (U._version, U.data_ptr(), ids._version, ids.data_ptr(), U.dtype)
+            if self._draft_rows is None or self._draft_rows[0] != key:
+                # a normal tensor even under inference mode: the weight copies key on its version
+                with torch.inference_mode(False), torch.no_grad():
+                    self._draft_rows = (key, U.detach().index_select(0, ids))  # (V', D)
+            rows = self._draft_rows[1]
+        if other:
+            rows = torch.cat([rows, self.heads.other_row.to(rows.dtype)[None]])  # (V' + 1, D)
+        return rows
+
+    @property
+    def head_frozen_rows(self) -> int:
+        """Rows of ``head_unembedding(other=True)`` that get no gradient: the V' draft rows of a frozen U
+        (heads-only), whose gradient product the loss then skips; 0 otherwise."""
+        return self.draft_vocab if self.draft_vocab and not self.unembedding.requires_grad else 0
+
+    def head_targets(self, targets: torch.Tensor) -> torch.Tensor:
+        """Token ids (...) -> the heads' classes (...): the ids themselves for the full vocabulary, else
+        each id's column among the V', and V' ("other") for rarer ids."""
+        if not self.draft_vocab:
+            return targets
+        return column_of(self.heads.draft_ids, self.unembedding.shape[0])[targets]
+
+    def draft_tokens(self, columns: torch.Tensor) -> torch.Tensor:
+        """The heads' columns (...) (< V') -> full-vocabulary token ids (...)."""
+        return self.heads.draft_ids[columns] if self.draft_vocab else columns
+
     @property
     def backbone_frozen(self) -> bool:
         """True for a pretrained backbone trained heads-only: its weights never change."""
         return bool(getattr(self.trunk, "frozen", False))
 
-    def lm_logits(self, z: torch.Tensor) -> torch.Tensor:
+    def lm_logits(self, z: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """(..., D) -> (..., V) logits of the plain next-token head: U z for the GPT trunk, the
-        pretrained model's own output layer (bias and logit scaling included) for an HF trunk."""
+        pretrained model's own output layer (bias and logit scaling included) for an HF trunk.
+        ``rows`` (V',): only those ids' logits (..., V'), from those rows of the output layer."""
         own = getattr(self.trunk, "lm_logits", None)
-        return own(z) if own is not None else skinny_linear(z, self.unembedding)
+        if own is not None:
+            return own(z) if rows is None else own(z, rows)
+        return skinny_linear(z, self.unembedding if rows is None else self.unembedding[rows])
 
     def forward(self, idx: torch.Tensor, frozen_trunk: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """idx (B, T) -> z (B, T, D) and the n per-offset head states (B, T, D).
@@ -113,6 +165,8 @@ class CPModel(nn.Module):
         through int8 weight copies while decoding on the CPU (``fastpath.project_int8``), which read a
         quarter of the bytes; the factors are then approximate. ``raw``: the logits U h, unnormalised
         (the native greedy draft chain normalises them itself).
+        The vocabulary is the heads' own (``head_unembedding``): V, or the V' draft ids (columns; map
+        them to token ids with ``draft_tokens``).
         """
         first, count = offsets.start, len(offsets)
         if first >= 1 and count > 1 and self.heads.kind != "block":  # draft offsets of one shared state
@@ -120,7 +174,7 @@ class CPModel(nn.Module):
         else:
             h = torch.stack([self.heads.expert_vectors(states[s], s, int8=int8) for s in offsets], dim=-3)  # (..., k, r, D)
         project = fastpath.project_int8 if int8 else fastpath.project
-        logits = project(h, self.unembedding).float()  # (..., k, r, V)
+        logits = project(h, self.head_unembedding()).float()  # (..., k, r, V) (V': the draft vocabulary)
         if raw:
             return logits
         return logits.softmax(-1) if probs else logits.log_softmax(-1)
@@ -137,7 +191,8 @@ class CPModel(nn.Module):
         heads = self.heads
         if (u.shape[0] != 1 or native._lib is None or heads.kind == "block" or heads.draft_weight is None
                 or not fastpath.applies(u) or u.dtype != torch.float32 or heads.draft_weight.dtype != torch.float32
-                or self.unembedding.dtype != torch.float32 or not native.chain_supports((ks, self.rank, self.unembedding.shape[0]))):
+                or self.unembedding.dtype != torch.float32 or self.draft_vocab  # joint1 comes from marginal
+                or not native.chain_supports((ks, self.rank, self.unembedding.shape[0]))):
             return None
         maps = fastpath._copy(heads.draft_weight, slice(0, k), "n8")
         unemb = fastpath._copy(self.unembedding, None, "n8")
@@ -168,6 +223,10 @@ class CPModel(nn.Module):
         Both decoders use the same setting, so their greedy tokens come from the same arithmetic."""
         if verifier == "lm_head":
             return self.lm_logits(z).float().log_softmax(-1), None
+        if self.draft_vocab:
+            raise ValueError(f"the marginal verifier needs the heads' full vocabulary, but they predict over a "
+                             f"draft vocabulary of {self.draft_vocab} tokens (model.heads.draft_vocab); verify "
+                             f"with lm_head")
         logw = self.router_logw(z)  # (..., r)
         if probs and native._lib is not None and native.supports(self.unembedding.shape[0]) and fastpath.applies(z):
             # decoding on the CPU with the kernel: softmax, weighting and sum over experts in one pass

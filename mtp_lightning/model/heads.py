@@ -50,6 +50,13 @@ class CPHeads(nn.Module):
         # model's next-token distribution, which draft tuning must leave untouched
         self.next_weight = nn.Parameter(w[0].clone())  # (r, D_out, D_in)
         self.register_parameter("draft_weight", nn.Parameter(w[1:].clone()) if n > 1 else None)  # (n-1, r, D, D)
+        # a draft vocabulary (``draft_vocab.py``): the V' ids the heads predict over, set from the training
+        # split's token counts before training (until then the first V' ids) and saved with the heads,
+        # and the logit row of the "other" class that stands for every rarer token
+        self.draft_vocab = heads.draft_vocab
+        if heads.draft_vocab:
+            self.register_buffer("draft_ids", torch.arange(heads.draft_vocab))  # (V',)
+            self.other_row = nn.Parameter(torch.zeros(D))  # (D,)
 
     @property
     def n_cache_layers(self) -> int:

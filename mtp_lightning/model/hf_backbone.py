@@ -232,9 +232,16 @@ class HFTrunk(nn.Module):
                          d_model=self.d_model, max_seq_len=self.max_seq_len, dropout=0.0, bias=False,
                          vocab_size=self.vocab_size)
 
-    def lm_logits(self, z: torch.Tensor) -> torch.Tensor:
-        """(..., D) -> (..., V): the base model's own next-token logits from its last hidden state."""
-        logits = self.output_layer(z)  # the layer's bias, if any, included
+    def lm_logits(self, z: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(..., D) -> (..., V): the base model's own next-token logits from its last hidden state.
+        ``rows`` (V',): those ids' logits only (..., V'), from those rows of the output layer (the
+        scalings below act on each logit alone, so a subset is exact)."""
+        layer = self.output_layer
+        if rows is None:
+            logits = layer(z)  # the layer's bias, if any, included
+        else:
+            bias = getattr(layer, "bias", None)
+            logits = nn.functional.linear(z, layer.weight[rows], None if bias is None else bias[rows])
         c = self.lm.config
         # the few architectures that transform logits after the output layer in their forward
         if getattr(c, "logit_scale", None) is not None:  # Cohere

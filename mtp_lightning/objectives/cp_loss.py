@@ -55,7 +55,7 @@ class _TargetLogprob(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, U, target, chunk: int, bf16: bool):
+    def forward(ctx, h, U, target, chunk: int, bf16: bool, frozen_rows: int):
         with torch.autocast(device_type=h.device.type, enabled=False):
             mm = torch.bfloat16 if bf16 else torch.float32
             hm, Um_T = h.to(mm), U.to(mm).T  # (M, D), (D, V)
@@ -70,13 +70,13 @@ class _TargetLogprob(torch.autograd.Function):
                 lse[i:i + chunk] = logits.sub_(m).exp_().sum(dim=1).log_().add_(m[:, 0])
             out.sub_(lse)
         ctx.save_for_backward(h, U, target, lse)
-        ctx.chunk, ctx.mm = chunk, mm
+        ctx.chunk, ctx.mm, ctx.frozen_rows = chunk, mm, frozen_rows
         return out
 
     @staticmethod
     def backward(ctx, g):
         h, U, target, lse = ctx.saved_tensors
-        mm, chunk = ctx.mm, ctx.chunk
+        mm, chunk, f = ctx.mm, ctx.chunk, ctx.frozen_rows
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         grad_U = torch.zeros(U.shape, device=U.device, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         with torch.autocast(device_type=h.device.type, enabled=False):
@@ -94,22 +94,25 @@ class _TargetLogprob(torch.autograd.Function):
                             torch.matmul(G, Um, out=grad_h[i:i + chunk])  # (C, D)
                         else:
                             grad_h[i:i + chunk] = G @ Um
-                    if grad_U is not None:
-                        grad_U.addmm_(G.T, hc)  # (V, D)
+                    if grad_U is not None:  # rows below f need none: only the rest's (small) product
+                        grad_U[f:].addmm_(G[:, f:].T, hc)  # (V - f, D)
                 else:
                     Gm = G.to(mm)
                     if grad_h is not None:
                         grad_h[i:i + chunk] = (Gm @ Um).to(h.dtype)
                     if grad_U is not None:
-                        grad_U += (Gm.T @ hc).float()
-        return grad_h, None if grad_U is None else grad_U.to(U.dtype), None, None, None
+                        grad_U[f:] += (Gm[:, f:].T @ hc).float()
+        return grad_h, None if grad_U is None else grad_U.to(U.dtype), None, None, None, None
 
 
 def target_logprob(h: torch.Tensor, U: torch.Tensor, target: torch.Tensor, chunk: int = 0,
-                   lean: bool = True, bf16: bool = False) -> torch.Tensor:
-    """log softmax(h @ U.T)[target]: h (M, D), U (V, D), target (M,) -> (M,) float32."""
+                   lean: bool = True, bf16: bool = False, frozen_rows: int = 0) -> torch.Tensor:
+    """log softmax(h @ U.T)[target]: h (M, D), U (V, D), target (M,) -> (M,) float32.
+
+    ``frozen_rows``: U's first rows get a zero gradient, without its product (a frozen unembedding's
+    draft rows with a learned "other" row after them, ``CPModel.head_frozen_rows``); lean loss only."""
     if lean:
-        return _TargetLogprob.apply(h, U, target, chunk or auto_chunk(U.shape[0]), bf16)
+        return _TargetLogprob.apply(h, U, target, chunk or auto_chunk(U.shape[0]), bf16, frozen_rows)
     mm = torch.bfloat16 if bf16 else h.dtype
     logits = (h.to(mm) @ U.to(mm).T).float()  # (M, V): the naive path holds them all
     return logits.log_softmax(-1).gather(1, target[:, None])[:, 0]
@@ -130,7 +133,7 @@ class CPTerms:
 
 
 def factor_logprobs(heads: CPHeads, states: list[torch.Tensor], U: torch.Tensor, targets: torch.Tensor,
-                    offsets: range, cfg: LossConfig) -> torch.Tensor:
+                    offsets: range, cfg: LossConfig, frozen_rows: int = 0) -> torch.Tensor:
     """L[t, s, a] for the offsets asked: states n x (N, D), targets (N, n) -> (N, len(offsets), r)."""
     cols = []
     for s in offsets:
@@ -138,7 +141,7 @@ def factor_logprobs(heads: CPHeads, states: list[torch.Tensor], U: torch.Tensor,
         N, r, D = h.shape
         tgt = targets[:, s, None].expand(N, r).reshape(N * r)
         cols.append(target_logprob(h.reshape(N * r, D), U, tgt, cfg.chunk_size, cfg.lean,
-                                   cfg.bf16_unembed).view(N, r))
+                                   cfg.bf16_unembed, frozen_rows).view(N, r))
     return torch.stack(cols, dim=1)  # (N, len(offsets), r)
 
 
@@ -158,9 +161,16 @@ def balance_loss(log_w: torch.Tensor, posterior: torch.Tensor, cfg: LossConfig) 
 
 
 def cp_objective(heads: CPHeads, z: torch.Tensor, states: list[torch.Tensor], U: torch.Tensor,
-                 targets: torch.Tensor, cfg: LossConfig, generator: torch.Generator | None = None
-                 ) -> CPTerms:
-    """z (B, T, D), states n x (B, T, D), targets (B, T, n) with targets[b, t, s] = x_{t+s+1}."""
+                 targets: torch.Tensor, cfg: LossConfig, generator: torch.Generator | None = None,
+                 lm_U: torch.Tensor | None = None, lm_targets: torch.Tensor | None = None,
+                 frozen_rows: int = 0) -> CPTerms:
+    """z (B, T, D), states n x (B, T, D), targets (B, T, n) with targets[b, t, s] = x_{t+s+1}.
+
+    U and targets are the heads' vocabulary: the full U and token ids, or with a draft vocabulary
+    (``draft_vocab.py``) U[draft_ids] plus the "other" row (V' + 1, D) and the targets' classes
+    (``CPModel.head_unembedding(other=True)``, ``head_targets``). The plain next-token head
+    (``lm_head_weight``) always covers the full vocabulary: ``lm_U`` (V, D) and ``lm_targets`` (B, T, n)
+    token ids, which default to U and targets. ``frozen_rows``: see ``target_logprob``."""
     B, T, n = targets.shape
     N = B * T
     z2 = z.reshape(N, -1)  # (N, D)
@@ -172,13 +182,13 @@ def cp_objective(heads: CPHeads, z: torch.Tensor, states: list[torch.Tensor], U:
         # the multi-token terms see a random subset of positions; the next-token term sees them all
         m = max(1, int(round(cfg.position_fraction * N)))
         keep = torch.randperm(N, device=z.device, generator=generator)[:m]
-        L0 = factor_logprobs(heads, st, U, tg, range(1), cfg)  # (N, 1, r)
-        rest = factor_logprobs(heads, [u[keep] for u in st], U, tg[keep], range(1, n), cfg)
+        L0 = factor_logprobs(heads, st, U, tg, range(1), cfg, frozen_rows)  # (N, 1, r)
+        rest = factor_logprobs(heads, [u[keep] for u in st], U, tg[keep], range(1, n), cfg, frozen_rows)
         L = torch.cat([L0[keep], rest], dim=1)  # (m, n, r)
         log_w = log_w_all[keep]
         token_lp = torch.logsumexp(log_w_all + L0[:, 0], dim=-1)  # (N,)
     else:
-        L = factor_logprobs(heads, st, U, tg, range(n), cfg)  # (N, n, r)
+        L = factor_logprobs(heads, st, U, tg, range(n), cfg, frozen_rows)  # (N, n, r)
         log_w = log_w_all
         token_lp = None
 
@@ -199,7 +209,9 @@ def cp_objective(heads: CPHeads, z: torch.Tensor, states: list[torch.Tensor], U:
         loss = loss + cfg.next_token_weight * next_nll
     lm_nll = None
     if cfg.lm_head_weight > 0:
-        lm_lp = target_logprob(z2, U, tg[:, 0], cfg.chunk_size, cfg.lean, cfg.bf16_unembed)  # (N,)
+        lm_tg = tg[:, 0] if lm_targets is None else lm_targets.reshape(N, n)[:, 0]
+        lm_lp = target_logprob(z2, U if lm_U is None else lm_U, lm_tg, cfg.chunk_size, cfg.lean,
+                               cfg.bf16_unembed)  # (N,)
         lm_nll = -lm_lp.mean()
         loss = loss + cfg.lm_head_weight * lm_nll
     return CPTerms(loss=loss, joint_nll=joint_nll, offset_nll=offset_nll, balance=aux,

@@ -49,7 +49,7 @@ def offset_weights(n: int, gamma: float, device=None) -> torch.Tensor:
     return w / w.sum()
 
 
-def _chunk(heads: CPHeads, U: torch.Tensor, base_logits: Callable, s: int, bf16: bool,
+def _chunk(heads: CPHeads, U: torch.Tensor, base_logits: Callable, s: int, bf16: bool, kl_cols: int, frozen: bool,
            u: torch.Tensor, z: torch.Tensor, zb: torch.Tensor, y: torch.Tensor
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed KL and CE of offset index s over one chunk: u, z, zb (C, D), y (C,)."""
@@ -57,21 +57,34 @@ def _chunk(heads: CPHeads, U: torch.Tensor, base_logits: Callable, s: int, bf16:
     h = heads.expert_vectors(u, s)  # (C, r, D)
     mm = torch.bfloat16 if bf16 else torch.float32
     with torch.autocast(device_type=u.device.type, enabled=False):
-        lp = (h.to(mm) @ U.to(mm).T).float().log_softmax(-1)  # (C, r, V)
+        if frozen:  # the frozen V' rows apart from the learned "other" row: no gradient product for them
+            logits = torch.cat([h.to(mm) @ U[:kl_cols].detach().to(mm).T, h.to(mm) @ U[kl_cols:].to(mm).T], -1)
+        else:
+            logits = h.to(mm) @ U.to(mm).T
+        lp = logits.float().log_softmax(-1)  # (C, r, V) (V' + 1 with a draft vocabulary)
         logq = torch.logsumexp(logw[..., None] + lp, dim=1)  # (C, V) the offset's marginal
+    # a draft vocabulary: the KL compares the two distributions renormalised over the V' ids
+    logq_kl = logq[:, :kl_cols].log_softmax(-1) if kl_cols else logq  # (C, V')
     with torch.no_grad():
-        logp = base_logits(zb).float().log_softmax(-1)  # (C, V) the frozen base model
-    kl = (logp.exp() * (logp - logq)).sum(-1)  # (C,)
+        logp = base_logits(zb).float().log_softmax(-1)  # (C, V) the frozen base model (V': those rows)
+    kl = (logp.exp() * (logp - logq_kl)).sum(-1)  # (C,)
     ce = -logq.gather(1, y[:, None])[:, 0]  # (C,)
     return kl.sum(), ce.sum()
 
 
 def distill_objective(heads: CPHeads, z: torch.Tensor, states: list[torch.Tensor], U: torch.Tensor,
                       base_z: torch.Tensor, base_logits: Callable[[torch.Tensor], torch.Tensor],
-                      targets: torch.Tensor, cfg: LossConfig) -> DistillTerms:
+                      targets: torch.Tensor, cfg: LossConfig, kl_cols: int = 0, frozen_rows: int = 0
+                      ) -> DistillTerms:
     """z (B, T, D) and states n x (B, T, D) of the CP model; base_z (B, T, D) the base model's hidden
     states and ``base_logits`` its output layer (..., D) -> (..., V), both used without gradients;
-    targets (B, T, n) with targets[b, t, s] = x_{t+s+1}."""
+    targets (B, T, n) with targets[b, t, s] = x_{t+s+1}.
+
+    ``kl_cols`` = V' > 0: a draft vocabulary (``draft_vocab.py``). U is then U[draft_ids] plus the
+    "other" row (V' + 1, D), targets are the heads' classes, and ``base_logits`` gives the base model's
+    logits at the V' ids only (..., V'): the KL is KL(p_base|V' || q_s|V'), both renormalised over the
+    V' ids (no full-vocabulary product); the CE is over the V' + 1 classes. ``frozen_rows`` = V' (a
+    frozen unembedding): those rows of U get no gradient, and no product is spent on one."""
     B, T, n = targets.shape
     D = z.shape[-1]
     chunk = max(1, (cfg.chunk_size or auto_chunk(U.shape[0])) // heads.r)
@@ -82,7 +95,7 @@ def distill_objective(heads: CPHeads, z: torch.Tensor, states: list[torch.Tensor
         zz = z[:, :M].reshape(-1, D)
         zb = base_z[:, s:].detach().reshape(-1, D)
         y = targets[:, :M, s].reshape(-1)  # (N,)
-        fn = partial(_chunk, heads, U, base_logits, s, cfg.bf16_unembed)
+        fn = partial(_chunk, heads, U, base_logits, s, cfg.bf16_unembed, kl_cols, bool(kl_cols and frozen_rows))
         kl = ce = z.new_zeros((), dtype=torch.float32)
         for i in range(0, y.shape[0], chunk):
             args = (u[i:i + chunk], zz[i:i + chunk], zb[i:i + chunk], y[i:i + chunk])

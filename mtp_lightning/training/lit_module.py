@@ -9,6 +9,7 @@ decode, and loading one never needs to unpickle objects (see ``checkpoint_io.py`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import lightning as L
@@ -77,15 +78,23 @@ class CPLightningModule(L.LightningModule):
         if not self.training and loss_cfg.position_fraction < 1.0:
             # evaluation sees every position: exact metrics, and no draws from the training RNG
             loss_cfg = dataclasses.replace(loss_cfg, position_fraction=1.0)
-        terms = cp_objective(self.model.heads, z, states, self.model.unembedding, targets, loss_cfg)
-        terms = self._add_extra_terms(terms, inputs, targets, z, states)
+        model = self.model
+        # the heads' vocabulary: the full one, or the draft vocabulary's V' ids and "other" (draft_vocab.py)
+        classes = model.head_targets(targets)  # (B, T, n)
+        terms = cp_objective(model.heads, z, states, model.head_unembedding(other=True), classes, loss_cfg,
+                             lm_U=model.unembedding, lm_targets=targets, frozen_rows=model.head_frozen_rows)
+        terms = self._add_extra_terms(terms, inputs, classes, z, states)
         return inputs, targets, z, states, terms
 
-    def _add_extra_terms(self, terms, inputs, targets, z, states):
+    def _add_extra_terms(self, terms, inputs, classes, z, states):
         """The joint term's weight and the distillation to the base model (docs/method.md, "Training
-        objective")."""
+        objective"); ``classes`` (B, T, n) are the targets in the heads' vocabulary
+        (``CPModel.head_targets``)."""
         lc = self.cfg.model.loss
+        model = self.model
         self._extra_logs = {}
+        if model.draft_vocab:
+            self._extra_logs["draft_vocab_coverage"] = (classes < model.draft_vocab).float().mean()
         loss = terms.loss
         if lc.joint_weight != 1.0:
             loss = loss + (lc.joint_weight - 1.0) * terms.joint_nll  # cp_objective weighs it 1
@@ -98,12 +107,14 @@ class CPLightningModule(L.LightningModule):
                     base_z = teacher(inputs)  # (B, T, D)
                 base_logits = teacher.lm_logits
             else:  # heads only: the frozen trunk is the base model, and z is its output
-                base_z, base_logits = z.detach(), self.model.lm_logits
-            d = distill_objective(self.model.heads, z, states, self.model.unembedding, base_z, base_logits,
-                                  targets, lc)
+                base_z, base_logits = z.detach(), model.lm_logits
+            if model.draft_vocab:  # the base model's logits at the V' ids only
+                base_logits = functools.partial(base_logits, rows=model.heads.draft_ids)
+            d = distill_objective(model.heads, z, states, model.head_unembedding(other=True), base_z, base_logits,
+                                  classes, lc, kl_cols=model.draft_vocab, frozen_rows=model.head_frozen_rows)
             loss = loss + lc.distill_weight * d.loss
-            self._extra_logs = {"distill_loss": d.loss, "distill_kl_offset1": d.kl[0],
-                                "distill_kl": d.kl.mean(), "distill_ce": d.ce.mean()}
+            self._extra_logs.update({"distill_loss": d.loss, "distill_kl_offset1": d.kl[0],
+                                     "distill_kl": d.kl.mean(), "distill_ce": d.ce.mean()})
         return dataclasses.replace(terms, loss=loss) if loss is not terms.loss else terms
 
     def _log_terms(self, stage: str, terms, batch_size: int) -> None:
@@ -152,8 +163,8 @@ class CPLightningModule(L.LightningModule):
         inputs, targets = split_window(rows, n)  # (B, T), (B, T, n)
         z, states = self.model(inputs, frozen_trunk=True)  # (B, T, D)
         # position t's first target is token t + 1: from t = P - 1 on, every target was generated
-        loss = draft_objective(self.model.heads, z, states, self.model.unembedding, targets,
-                               dt.prompt_len - 1, self.cfg.model.loss)
+        loss = draft_objective(self.model.heads, z, states, self.model.head_unembedding(other=True),
+                               self.model.head_targets(targets), dt.prompt_len - 1, self.cfg.model.loss)
         # its own curve: train/loss stays the main objective's
         self.log("train/draft_nll_per_token", loss / (n - 1), prog_bar=True, batch_size=rows.shape[0])
         return loss
@@ -229,6 +240,8 @@ class CPLightningModule(L.LightningModule):
         m = self.stage_metrics[stage]
         m["nats"].update(terms.token_nll.sum())
         m["bytes"].update(self.token_bytes[targets[..., 0]].sum())
+        if self.model.draft_vocab:
+            return terms.loss  # no full-vocabulary marginal to take a perplexity of (its NLLs are logged)
         # torchmetrics' Perplexity takes logits: the marginal's log-probs are logits of the marginal
         with torch.no_grad():
             for b in range(window.shape[0]):
@@ -248,7 +261,8 @@ class CPLightningModule(L.LightningModule):
             return
         bpb = m["nats"].compute() / math.log(2) / m["bytes"].compute().clamp(min=1)
         self.log(f"{stage}/bits_per_byte", bpb, sync_dist=False)  # already reduced by torchmetrics
-        self.log(f"{stage}/ppl", m["ppl"].compute(), sync_dist=False)
+        if m["ppl"].update_count:
+            self.log(f"{stage}/ppl", m["ppl"].compute(), sync_dist=False)
         for metric in m.values():
             metric.reset()
 

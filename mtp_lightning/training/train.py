@@ -238,12 +238,30 @@ def build_data_and_module(cfg: Config, tokenizer_json: str | None = None):
     if hf:
         module = CPLightningModule(cfg, tok.token_bytes())
         check_hf_fit(cfg, module.model, tok.vocab_size)
-        return dm, module, tok
-    if cfg.model.gpt.vocab_size not in (0, tok.vocab_size):
-        raise UserError(f"model.gpt.vocab_size={cfg.model.gpt.vocab_size} does not match the tokenizer's "
-                        f"{tok.vocab_size}; leave model.gpt.vocab_size at 0 (it is set from the tokenizer)")
-    cfg.model.gpt.vocab_size = tok.vocab_size
-    return dm, CPLightningModule(cfg, tok.token_bytes()), tok
+    else:
+        if cfg.model.gpt.vocab_size not in (0, tok.vocab_size):
+            raise UserError(f"model.gpt.vocab_size={cfg.model.gpt.vocab_size} does not match the tokenizer's "
+                            f"{tok.vocab_size}; leave model.gpt.vocab_size at 0 (it is set from the tokenizer)")
+        cfg.model.gpt.vocab_size = tok.vocab_size
+        module = CPLightningModule(cfg, tok.token_bytes())
+    set_draft_vocabulary(module.model, dm)
+    return dm, module, tok
+
+
+def set_draft_vocabulary(model, dm) -> None:
+    """With ``model.heads.draft_vocab`` = V' > 0: the heads' V' ids, the most frequent of the training
+    split (``draft_vocab.frequency_ranking``). A resumed or evaluated run then loads the ones its
+    checkpoint saved, which are these same ids for the same corpus and tokenizer."""
+    from mtp_lightning.model.draft_vocab import frequency_ranking
+
+    k, V = model.draft_vocab, model.unembedding.shape[0]
+    if not k:
+        return
+    if k >= V:
+        raise UserError(f"model.heads.draft_vocab={k} must be below the vocabulary size {V} (0 uses the full "
+                        f"vocabulary); lower it")
+    with torch.no_grad():
+        model.heads.draft_ids.copy_(frequency_ranking(dm.token_counts(V), k))
 
 
 def check_hf_fit(cfg: Config, model, tokenizer_size: int) -> None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import gzip
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -13,6 +11,7 @@ import torch
 
 from mtp_lightning.checkpoints.io import atomic_write_text, load_for_inference
 from mtp_lightning.errors import UserError
+from mtp_lightning.machine import describe_machine
 
 
 def _check_args(args, model) -> None:
@@ -105,28 +104,6 @@ def generate(args) -> int:
     return 0
 
 
-def heldout_bits_per_byte(model, dm, max_batches: int = 8) -> dict:
-    """The model's next-token bits per byte on held-out windows, and gzip -9's on the whole held-out split."""
-    import numpy as np
-
-    from mtp_lightning.objectives.cp_loss import cp_objective
-    from mtp_lightning.data.packing import split_window
-
-    token_bytes = dm.tokenizer.token_bytes().float()
-    nats, nbytes = 0.0, 0.0
-    with torch.inference_mode():
-        for _, window in zip(range(max_batches), dm.val_dataloader()):
-            inputs, targets = split_window(window, model.n_future)
-            z, states = model(inputs)
-            terms = cp_objective(model.heads, z, states, model.unembedding, targets, model.cfg.loss)
-            nats += float(terms.token_nll.sum())
-            nbytes += float(token_bytes[targets[..., 0]].sum())
-    ids = np.load(dm.split_path("val")).tolist()
-    text = dm.tokenizer.decode([i for i in ids if i != dm.tokenizer.eot_id]).encode("utf-8")
-    return {"val_bits_per_byte": nats / math.log(2) / max(nbytes, 1.0),
-            "gzip_bits_per_byte": 8 * len(gzip.compress(text, 9)) / max(len(text), 1)}
-
-
 def _load_prompts(args, dm, tok, model) -> list[list[int]]:
     if args.prompts == "val":
         return dm.val_prompts(args.n_prompts, args.prompt_len).tolist()
@@ -143,6 +120,7 @@ def _load_prompts(args, dm, tok, model) -> list[list[int]]:
 def bench(args) -> int:
     from mtp_lightning.data import checkpoint_datamodule
     from mtp_lightning.decoding.bench import format_table, plot_per_position, run_benchmark
+    from mtp_lightning.objectives.heldout import heldout_metrics
 
     model, tok, cfg = load_for_inference(args.ckpt)
     _check_args(args, model)
@@ -157,8 +135,9 @@ def bench(args) -> int:
     result = run_benchmark(model, prompts, args.max_new_tokens, batch_size=args.batch_size,
                            verifier=_verifier(args, cfg), draft_len=args.draft_len, sampled=args.sampled,
                            draft_precision=_draft_precision(args))
-    result.update(heldout_bits_per_byte(model, dm))
-    result.update({"checkpoint": str(args.ckpt), "threads": torch.get_num_threads(),
+    result.update({"val_bits_per_byte": heldout_metrics(model, dm, max_batches=8)["bits_per_byte"],
+                   "gzip_bits_per_byte": dm.gzip_bits_per_byte("val")})
+    result.update({"checkpoint": str(args.ckpt), "machine": describe_machine(),
                    "wall_s": time.perf_counter() - t0})
     print(format_table(result))
     if args.json:

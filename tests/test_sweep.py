@@ -44,10 +44,10 @@ def _sweep_file(tmp_path, body: str) -> str:
 
 @pytest.mark.parametrize("body, message", [
     ("sweep:\n  gird: {model.heads.rank: [1, 2]}\n", "unknown sweep key 'gird' in"),
-    ("sweep:\n  grid: {model.heads.rnak: [1, 2]}\n", "unknown run config key 'model.heads.rnak' in sweep.grid"),
+    ("sweep:\n  grid: {model.heads.rnak: [1, 2]}\n", "unknown config key 'model.heads.rnak' in sweep.grid"),
     ("sweep:\n  grid: {model.heads.rank: 2}\n", "must be a non-empty list"),
     ("sweep:\n  grid: {model.heads.rank: [1]}\n  extra_points: [{model.loss.balanse: none}]\n",
-     "unknown run config key 'model.loss.balanse' in sweep.extra_points[0]"),
+     "unknown config key 'model.loss.balanse' in sweep.extra_points[0]"),
     ("sweep:\n  grid: {model.heads.rank: [1]}\n  measure: {n_promts: 2}\n", "unknown sweep key 'measure.n_promts'"),
     ("run:\n  name: x\n", "is not a sweep file"),
 ])

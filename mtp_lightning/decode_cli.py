@@ -11,7 +11,7 @@ import torch
 
 from mtp_lightning.checkpoints.io import atomic_write_text, load_for_inference
 from mtp_lightning.errors import UserError
-from mtp_lightning.machine import describe_machine
+from mtp_lightning.machine import describe_machine, machine_line
 
 
 def _check_args(args, model) -> None:
@@ -117,12 +117,37 @@ def _load_prompts(args, dm, tok, model) -> list[list[int]]:
     return [tok.encode(ln)[-(model.max_seq_len // 2):] for ln in lines[: args.n_prompts]]
 
 
+def fit_bench_lengths(args, model) -> list[str]:
+    """Set ``args.prompt_len`` and ``args.max_new_tokens`` where the user left them out (None): the
+    defaults, clipped so that prompt + new tokens + n_future fit the model's context. Returns one note
+    per clipped default. Values the user gave are never changed; ``bench`` refuses them if they do not fit.
+    """
+    from mtp_lightning.cli import BENCH_MAX_NEW_TOKENS, BENCH_PROMPT_LEN
+
+    room = model.max_seq_len - model.n_future  # prompt + new tokens
+    notes = []
+    if args.prompt_len is None:
+        # half the room at most when the new tokens are also left to the default, so both stay useful
+        cap = room // 2 if args.max_new_tokens is None else room - args.max_new_tokens
+        args.prompt_len = min(BENCH_PROMPT_LEN, max(cap, 1))
+        if args.prompt_len < BENCH_PROMPT_LEN:
+            notes.append(f"--prompt-len {BENCH_PROMPT_LEN} (the default) clipped to {args.prompt_len}")
+    if args.max_new_tokens is None:
+        args.max_new_tokens = min(BENCH_MAX_NEW_TOKENS, max(room - args.prompt_len, 1))
+        if args.max_new_tokens < BENCH_MAX_NEW_TOKENS:
+            notes.append(f"--max-new-tokens {BENCH_MAX_NEW_TOKENS} (the default) clipped to {args.max_new_tokens}")
+    return [f"{n} to fit this model's context of {model.max_seq_len} tokens (n_future {model.n_future})"
+            for n in notes]
+
+
 def bench(args) -> int:
     from mtp_lightning.data import checkpoint_datamodule
     from mtp_lightning.decoding.bench import format_table, plot_per_position, run_benchmark
     from mtp_lightning.objectives.heldout import heldout_metrics
 
     model, tok, cfg = load_for_inference(args.ckpt)
+    for note in fit_bench_lengths(args, model):
+        print(f"bench: {note}", file=sys.stderr)
     _check_args(args, model)
     if args.n_prompts < 1 or args.batch_size < 1 or args.prompt_len < 1:
         raise UserError("--n-prompts, --batch-size and --prompt-len must be >= 1")
@@ -139,7 +164,8 @@ def bench(args) -> int:
                    "gzip_bits_per_byte": dm.gzip_bits_per_byte("val")})
     result.update({"checkpoint": str(args.ckpt), "machine": describe_machine(),
                    "wall_s": time.perf_counter() - t0})
-    print(format_table(result))
+    print(format_table({k: v for k, v in result.items() if k != "machine"}))
+    print(f"machine: {machine_line(result['machine'])}")
     if args.json:
         out = Path(args.json)
         atomic_write_text(out, json.dumps(result, indent=2) + "\n")

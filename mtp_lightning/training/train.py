@@ -248,8 +248,10 @@ def check_hf_fit(cfg: Config, model, tokenizer_size: int) -> None:
                         f"model '{name}'; lower data.seq_len")
 
 
-def fit(files: list[str], overrides: list[str], resume: str | None = None) -> tuple[Path, object]:
-    """Train (or continue) a run; returns the run directory and the graceful-stop record."""
+def fit(files: list[str], overrides: list[str], resume: str | None = None, quiet: bool = False
+        ) -> tuple[Path, object]:
+    """Train (or continue) a run; returns the run directory and the graceful-stop record. Unless
+    ``quiet``, a preamble (``summary.preamble_lines``) is printed before training and a summary after."""
     ckpt_path, ckpt = None, None
     tokenizer_json = None
     if resume:
@@ -281,10 +283,17 @@ def fit(files: list[str], overrides: list[str], resume: str | None = None) -> tu
         atomic_write_text(paths.config, to_yaml(cfg))
         atomic_write_text(paths.tokenizer, tok.to_json())
     trainer = build_trainer(cfg, paths, cfg.model.heads.n_future)
+    from mtp_lightning.training.summary import preamble_lines, summary_lines
+
+    if not quiet and not is_launched_child():
+        print("\n".join(preamble_lines(cfg, dm, module.model, resolve_precision(cfg), run_dir, ckpt_path)),
+              flush=True)
     trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
     from callbacks.safety import GracefulStopCallback
 
     stop = next(c for c in trainer.callbacks if isinstance(c, GracefulStopCallback))
+    if not quiet and trainer.is_global_zero and stop.received is None:
+        print("\n".join(summary_lines(cfg, trainer, dm, run_dir)), flush=True)
     return run_dir, stop
 
 

@@ -4,14 +4,16 @@ select by mean acceptance length."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 
 from mtp_lightning.decoding import generate_speculative
-from tests.test_decoding import _one_thread, tiny_model  # noqa: F401 (_one_thread: an autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_callback_logs_acceptance_in_a_real_trainer(tmp_path, monkeypatch):
+def test_callback_logs_acceptance_in_a_real_trainer(decoding_model, tmp_path, monkeypatch):
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
@@ -31,7 +33,7 @@ def test_callback_logs_acceptance_in_a_real_trainer(tmp_path, monkeypatch):
     class Module(pl.LightningModule):
         def __init__(self):
             super().__init__()
-            self.model = tiny_model()
+            self.model = decoding_model()
 
         def _loss(self, window):
             z, states = self.model(window[:, :16])

@@ -4,21 +4,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mtp_lightning.cli import main
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf" / "smoke.yaml")
 FAST = ["trainer.progress_bar=false", "trainer.max_steps=12", "trainer.val_check_interval=6",
         "checkpoint.every_n_steps=6", "trainer.log_every_n_steps=2"]
-
-
-def tb_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    ea = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "histograms": 0})
-    ea.Reload()
-    out = {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]}
-    out["__histograms__"] = ea.Tags()["histograms"]
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +30,7 @@ def test_run_directory_layout(smoke_run):
     assert saved["mtp_lightning"]["config"]["model"]["heads"]["rank"] == 2
 
 
-def test_tensorboard_has_every_metric(smoke_run):
+def test_tensorboard_has_every_metric(tb_scalars, smoke_run):
     tags = tb_scalars(smoke_run)
     expected = ["train/loss", "train/joint_nll_per_token", "train/next_token_nll", "train/balance_loss",
                 "train/offset1_nll", "train/offset3_nll", "train/router_entropy", "train/dead_experts",
@@ -56,7 +47,7 @@ def test_tensorboard_has_every_metric(smoke_run):
     assert ppl > 1.0 and tags["val/bits_per_byte"][-1][1] > 0.5
 
 
-def test_resume_continues_steps_and_curves(smoke_run):
+def test_resume_continues_steps_and_curves(tb_scalars, smoke_run):
     code = main(["fit", "--config", CONF, "--resume", "last", f"run.root={smoke_run.parent}", "run.name=smoke",
                  *FAST[:-3], "trainer.max_steps=18", "trainer.val_check_interval=6", "checkpoint.every_n_steps=6",
                  "trainer.log_every_n_steps=2"])
@@ -106,13 +97,12 @@ def test_print_config_applies_overrides(capsys):
     assert "rank: 7" in out and "n_future: 3" in out
 
 
-def test_trained_model_speculative_equals_autoregressive(smoke_run):
+def test_trained_model_speculative_equals_autoregressive(greedy_parity, smoke_run):
     from mtp_lightning.checkpoints.io import load_for_inference
-    from tests.test_decoding import assert_greedy_parity
 
     model, tok, _ = load_for_inference(smoke_run / "checkpoints" / "last.ckpt")
     prompts = [tok.encode(t) for t in ("def main():\n    ", "import os\n", "class Foo(object):\n    def ")]
-    accepted, drafted = assert_greedy_parity(model, prompts, max_new_tokens=20)
+    accepted, drafted = greedy_parity(model, prompts, max_new_tokens=20)
     assert drafted > 0
 
 

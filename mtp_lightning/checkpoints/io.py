@@ -141,7 +141,7 @@ def safe_load(path: str | os.PathLike) -> dict:
                             f"refusing it. Only load checkpoints written by mtp_lightning") from None
         raise UserError(f"checkpoint '{path}' is truncated or corrupted ({type(e).__name__}); use an earlier "
                         f"one from the same checkpoints/ folder") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, IndexError) as e:
         raise UserError(f"checkpoint '{path}' is truncated or corrupted ({str(e).splitlines()[0][:80]}); "
                         f"use an earlier one from the same checkpoints/ folder") from None
     return _check_contents(ckpt, path)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mtp_lightning.decoding import generate_speculative
+from mtp_lightning.decoding import SpecAcceptance, generate_speculative
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,11 +22,12 @@ def test_callback_logs_acceptance_in_a_real_trainer(decoding_model, tmp_path, mo
     import callbacks.acceptance
     from callbacks import SpecAcceptanceCallback
 
-    decodes = []
+    decodes, results = [], []
 
     def spy(model, *args, **kwargs):
         decodes.append((model.training, torch.is_inference_mode_enabled()))
-        return generate_speculative(model, *args, **kwargs)
+        results.append(generate_speculative(model, *args, **kwargs))
+        return results[-1]
 
     monkeypatch.setattr(callbacks.acceptance, "generate_speculative", spy)
 
@@ -75,6 +76,10 @@ def test_callback_logs_acceptance_in_a_real_trainer(decoding_model, tmp_path, mo
                 "spec/tf_mean_acceptance_length",
                 "spec/tf_acceptance_rate"]:
         assert key in metrics, key
-    assert 1.0 <= float(metrics["spec/mean_acceptance_length"]) <= 4.0
+    # the logged tau is that of the last greedy decode (validation 3; the sampled one comes after it)
+    last_greedy = SpecAcceptance(3)
+    last_greedy.update(*results[-2].step_counts())
+    assert float(metrics["spec/mean_acceptance_length"]) == pytest.approx(
+        float(last_greedy.summary()["mean_acceptance_length"]))
     assert ckpt.best_model_score is not None
     assert list(tmp_path.glob("lightning_logs/version_0/events.out.tfevents.*"))

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 from pathlib import Path
 
@@ -29,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mtp_lightning.checkpoints.io import META_KEY, load_for_inference, safe_load  # noqa: E402
 from mtp_lightning.decoding.bench import run_benchmark  # noqa: E402
+from mtp_lightning.machine import describe_machine, machine_line  # noqa: E402
 
 
 def save_prompts(ckpt: str, out: str, n: int, length: int) -> None:
@@ -54,7 +54,7 @@ def save_weights(ckpt: str, out: str) -> None:
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return machine_line(describe_machine())
 
 
 def main() -> int:

@@ -16,6 +16,9 @@ CONFIG_HELP = ("YAML config file(s), merged in order over the typed defaults; do
                "overrides come last (e.g. trainer.max_steps=100 model.heads.rank=8)")
 
 
+BENCH_PROMPT_LEN, BENCH_MAX_NEW_TOKENS = 64, 128
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", action="append", default=[], metavar="FILE", help=CONFIG_HELP)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
@@ -32,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--resume", metavar="last|PATH",
                    help="continue run.name from its newest checkpoint ('last') or from a .ckpt file")
+    p.add_argument("--quiet", action="store_true",
+                   help="print nothing but errors: no preamble, progress bar or summary")
 
     for name, what in (("validate", "validation"), ("test", "test")):
         p = sub.add_parser(name, help=f"evaluate a checkpoint on the {what} split")
@@ -59,8 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", default="val", metavar="val|FILE",
                    help="'val' (held-out windows of the checkpoint's corpus) or a text file, one prompt a line")
     p.add_argument("--n-prompts", type=int, default=8)
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    # None tells a default from a value the user gave: defaults are clipped to the model's context
+    p.add_argument("--prompt-len", type=int, default=None,
+                   help=f"tokens per held-out prompt (default {BENCH_PROMPT_LEN}, less when the context is shorter)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"default {BENCH_MAX_NEW_TOKENS}, less when the context is shorter")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--draft-len", type=int, default=0)
     p.add_argument("--draft-precision", choices=("auto", "full", "int8"), default="auto",
@@ -109,13 +117,13 @@ def run(args: argparse.Namespace) -> int:
             return _print_config(args)
         from mtp_lightning.training.train import fit
 
-        run_dir, stop = fit(args.config, args.overrides, args.resume)
+        overrides = [*args.overrides, "trainer.progress_bar=false"] if args.quiet else args.overrides
+        run_dir, stop = fit(args.config, overrides, args.resume, quiet=args.quiet)
         if stop.received is not None:
             print(f"stopped by signal {stop.received} at step {stop.stopped_at}; checkpoint "
                   f"{stop.checkpoint_path}. Continue with: python -m mtp_lightning fit --resume last "
                   f"run.name={run_dir.name} run.root={run_dir.parent}", file=sys.stderr)
             return 128 + int(stop.received)
-        print(f"run finished: {run_dir}")
         return 0
     if args.command in ("validate", "test"):
         if args.print_config:

@@ -311,25 +311,33 @@ def _schema_keys(cls, prefix: str = "") -> dict[str, Any]:
 ALL_KEYS = _schema_keys(Config)
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested and dotted spellings of run config values as one mapping of dotted keys:
+    ``{"model": {"heads.rank": 2}}`` -> ``{"model.heads.rank": 2}``. A dict-valued schema field stays
+    whole."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict) and key not in ALL_KEYS:
-            out.update(_flatten(v, key + "."))
+            out.update(flatten(v, key + "."))
         else:
             out[key] = v
     return out
 
 
-def _check_keys(d: dict, origin: str) -> None:
-    for key in _flatten(d):
+def check_keys(d: dict, origin: str) -> dict[str, Any]:
+    """``flatten(d)``, after refusing the first key that is not in the schema (``origin`` says where the
+    values came from, e.g. "the command line")."""
+    flat = flatten(d)
+    for key in flat:
         if key not in ALL_KEYS:
             raise UserError(f"unknown config key '{key}' in {origin}{closest(key, ALL_KEYS)}; "
                             f"see `python -m mtp_lightning fit --print-config` for every key")
+    return flat
 
 
-def _load_yaml(path: str) -> dict:
+def load_yaml(path: str) -> dict:
+    """The mapping a YAML file holds ({} for an empty file); a missing file or bad YAML is a UserError."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"config file not found: '{path}'; pass an existing YAML file to --config "
@@ -352,10 +360,7 @@ def _parse_overrides(overrides: list[str]) -> dict:
         if "=" not in item:
             raise UserError(f"override '{item}' is not of the form key=value "
                             f"(e.g. trainer.max_steps=100)")
-        key, _ = item.split("=", 1)
-        if key.strip() not in ALL_KEYS:
-            raise UserError(f"unknown config key '{key}' in the command line{closest(key, ALL_KEYS)}; "
-                            f"see `python -m mtp_lightning fit --print-config` for every key")
+        check_keys({item.split("=", 1)[0].strip(): None}, "the command line")
     try:
         dl = OmegaConf.from_dotlist(overrides)
     except OmegaConfBaseException as e:
@@ -365,14 +370,14 @@ def _parse_overrides(overrides: list[str]) -> dict:
 
 
 def _merge(base: DictConfig, layer: dict, origin: str) -> DictConfig:
-    _check_keys(layer, origin)
+    check_keys(layer, origin)
     try:
         return OmegaConf.merge(base, layer)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
         typ = ALL_KEYS.get(key, "?")
         typ = getattr(typ, "__name__", str(typ))
-        value = _flatten(layer).get(key, "?")
+        value = flatten(layer).get(key, "?")
         raise UserError(f"config key '{key}' in {origin} expects {typ}, got {value!r}") from None
 
 
@@ -383,7 +388,7 @@ def load_config(files: list[str] | None = None, overrides: list[str] | None = No
     if base is not None:
         cfg = _merge(cfg, base, "the saved run config")
     for f in files or []:
-        cfg = _merge(cfg, _load_yaml(f), f"'{f}'")
+        cfg = _merge(cfg, load_yaml(f), f"'{f}'")
     if overrides:
         cfg = _merge(cfg, _parse_overrides(overrides), "the command line")
     obj: Config = OmegaConf.to_object(cfg)
@@ -402,7 +407,7 @@ def to_yaml(cfg: Config) -> str:
 def validate(cfg: Config) -> None:
     """Cross-field checks. Every problem is collected and reported in one message."""
     errors: list[str] = []
-    flat = _flatten(to_dict(cfg))
+    flat = flatten(to_dict(cfg))
     for key, allowed in CHOICES.items():
         value = flat[key]
         if str(value) not in allowed:

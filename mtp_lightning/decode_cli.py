@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import gzip
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -13,6 +11,7 @@ import torch
 
 from mtp_lightning.checkpoints.io import atomic_write_text, load_for_inference
 from mtp_lightning.errors import UserError
+from mtp_lightning.machine import describe_machine, machine_line
 
 
 def _check_args(args, model) -> None:
@@ -105,30 +104,6 @@ def generate(args) -> int:
     return 0
 
 
-def heldout_bits_per_byte(model, dm, max_batches: int = 8) -> dict:
-    """The model's next-token bits per byte on held-out windows, and gzip -9's on the whole held-out split."""
-    import numpy as np
-
-    from mtp_lightning.objectives.cp_loss import cp_objective
-    from mtp_lightning.data.packing import split_window
-
-    token_bytes = dm.tokenizer.token_bytes().float()
-    nats, nbytes = 0.0, 0.0
-    with torch.inference_mode():
-        for _, window in zip(range(max_batches), dm.val_dataloader()):
-            inputs, targets = split_window(window, model.n_future)
-            z, states = model(inputs)
-            # a draft vocabulary's NLLs are over its coarser classes (draft_vocab.py): so is this figure
-            terms = cp_objective(model.heads, z, states, model.head_unembedding(other=True),
-                                 model.head_targets(targets), model.cfg.loss)
-            nats += float(terms.token_nll.sum())
-            nbytes += float(token_bytes[targets[..., 0]].sum())
-    ids = np.load(dm.split_path("val")).tolist()
-    text = dm.tokenizer.decode([i for i in ids if i != dm.tokenizer.eot_id]).encode("utf-8")
-    return {"val_bits_per_byte": nats / math.log(2) / max(nbytes, 1.0),
-            "gzip_bits_per_byte": 8 * len(gzip.compress(text, 9)) / max(len(text), 1)}
-
-
 def _load_prompts(args, dm, tok, model) -> list[list[int]]:
     if args.prompts == "val":
         return dm.val_prompts(args.n_prompts, args.prompt_len).tolist()
@@ -142,11 +117,37 @@ def _load_prompts(args, dm, tok, model) -> list[list[int]]:
     return [tok.encode(ln)[-(model.max_seq_len // 2):] for ln in lines[: args.n_prompts]]
 
 
+def fit_bench_lengths(args, model) -> list[str]:
+    """Set ``args.prompt_len`` and ``args.max_new_tokens`` where the user left them out (None): the
+    defaults, clipped so that prompt + new tokens + n_future fit the model's context. Returns one note
+    per clipped default. Values the user gave are never changed; ``bench`` refuses them if they do not fit.
+    """
+    from mtp_lightning.cli import BENCH_MAX_NEW_TOKENS, BENCH_PROMPT_LEN
+
+    room = model.max_seq_len - model.n_future  # prompt + new tokens
+    notes = []
+    if args.prompt_len is None:
+        # half the room at most when the new tokens are also left to the default, so both stay useful
+        cap = room // 2 if args.max_new_tokens is None else room - args.max_new_tokens
+        args.prompt_len = min(BENCH_PROMPT_LEN, max(cap, 1))
+        if args.prompt_len < BENCH_PROMPT_LEN:
+            notes.append(f"--prompt-len {BENCH_PROMPT_LEN} (the default) clipped to {args.prompt_len}")
+    if args.max_new_tokens is None:
+        args.max_new_tokens = min(BENCH_MAX_NEW_TOKENS, max(room - args.prompt_len, 1))
+        if args.max_new_tokens < BENCH_MAX_NEW_TOKENS:
+            notes.append(f"--max-new-tokens {BENCH_MAX_NEW_TOKENS} (the default) clipped to {args.max_new_tokens}")
+    return [f"{n} to fit this model's context of {model.max_seq_len} tokens (n_future {model.n_future})"
+            for n in notes]
+
+
 def bench(args) -> int:
     from mtp_lightning.data import checkpoint_datamodule
     from mtp_lightning.decoding.bench import format_table, plot_per_position, run_benchmark
+    from mtp_lightning.objectives.heldout import heldout_metrics
 
     model, tok, cfg = load_for_inference(args.ckpt)
+    for note in fit_bench_lengths(args, model):
+        print(f"bench: {note}", file=sys.stderr)
     _check_args(args, model)
     if args.n_prompts < 1 or args.batch_size < 1 or args.prompt_len < 1:
         raise UserError("--n-prompts, --batch-size and --prompt-len must be >= 1")
@@ -159,10 +160,12 @@ def bench(args) -> int:
     result = run_benchmark(model, prompts, args.max_new_tokens, batch_size=args.batch_size,
                            verifier=_verifier(args, cfg), draft_len=args.draft_len, sampled=args.sampled,
                            draft_precision=_draft_precision(args))
-    result.update(heldout_bits_per_byte(model, dm))
-    result.update({"checkpoint": str(args.ckpt), "threads": torch.get_num_threads(),
+    result.update({"val_bits_per_byte": heldout_metrics(model, dm, max_batches=8)["bits_per_byte"],
+                   "gzip_bits_per_byte": dm.gzip_bits_per_byte("val")})
+    result.update({"checkpoint": str(args.ckpt), "machine": describe_machine(),
                    "wall_s": time.perf_counter() - t0})
-    print(format_table(result))
+    print(format_table({k: v for k, v in result.items() if k != "machine"}))
+    print(f"machine: {machine_line(result['machine'])}")
     if args.json:
         out = Path(args.json)
         atomic_write_text(out, json.dumps(result, indent=2) + "\n")

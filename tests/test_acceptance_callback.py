@@ -4,14 +4,16 @@ select by mean acceptance length."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 
-from mtp_lightning.decoding import generate_speculative
-from tests.test_decoding import _one_thread, tiny_model  # noqa: F401 (_one_thread: an autouse fixture)
+from mtp_lightning.decoding import SpecAcceptance, generate_speculative
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_callback_logs_acceptance_in_a_real_trainer(tmp_path, monkeypatch):
+def test_callback_logs_acceptance_in_a_real_trainer(decoding_model, tmp_path, monkeypatch):
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
@@ -20,18 +22,19 @@ def test_callback_logs_acceptance_in_a_real_trainer(tmp_path, monkeypatch):
     import callbacks.acceptance
     from callbacks import SpecAcceptanceCallback
 
-    decodes = []
+    decodes, results = [], []
 
     def spy(model, *args, **kwargs):
         decodes.append((model.training, torch.is_inference_mode_enabled()))
-        return generate_speculative(model, *args, **kwargs)
+        results.append(generate_speculative(model, *args, **kwargs))
+        return results[-1]
 
     monkeypatch.setattr(callbacks.acceptance, "generate_speculative", spy)
 
     class Module(pl.LightningModule):
         def __init__(self):
             super().__init__()
-            self.model = tiny_model()
+            self.model = decoding_model()
 
         def _loss(self, window):
             z, states = self.model(window[:, :16])
@@ -73,6 +76,10 @@ def test_callback_logs_acceptance_in_a_real_trainer(tmp_path, monkeypatch):
                 "spec/tf_mean_acceptance_length",
                 "spec/tf_acceptance_rate"]:
         assert key in metrics, key
-    assert 1.0 <= float(metrics["spec/mean_acceptance_length"]) <= 4.0
+    # the logged tau is that of the last greedy decode (validation 3; the sampled one comes after it)
+    last_greedy = SpecAcceptance(3)
+    last_greedy.update(*results[-2].step_counts())
+    assert float(metrics["spec/mean_acceptance_length"]) == pytest.approx(
+        float(last_greedy.summary()["mean_acceptance_length"]))
     assert ckpt.best_model_score is not None
     assert list(tmp_path.glob("lightning_logs/version_0/events.out.tfevents.*"))

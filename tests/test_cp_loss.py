@@ -7,23 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtp_lightning.config import LossConfig, load_config
+from mtp_lightning.config import LossConfig
 from mtp_lightning.objectives.cp_loss import balance_loss, cp_objective, mixture_health, target_logprob
-from mtp_lightning.model.cp_model import CPModel
-
-
-def tiny_model(n=3, r=2, V=4, D=8, kind="mlp", seed=0):
-    torch.manual_seed(seed)
-    cfg = load_config(overrides=[f"model.heads.n_future={n}", f"model.heads.rank={r}", "model.gpt.n_layer=1",
-                                 f"model.gpt.d_model={D}", "model.gpt.n_head=2", f"model.heads.kind={kind}",
-                                 "model.gpt.max_seq_len=16", "data.seq_len=8",
-                                 "spec.every_n_val=0", "model.loss.position_fraction=1.0",
-                                 "model.loss.next_token_weight=0.0"])
-    cfg.model.gpt.vocab_size = V
-    model = CPModel(cfg.model)
-    # larger router weights make the experts' mixture weights clearly non-uniform
-    torch.nn.init.normal_(model.heads.router.weight, std=1.0)
-    return model, cfg
 
 
 def brute_force_joint(model, z, states, V, n):
@@ -43,9 +28,9 @@ def brute_force_joint(model, z, states, V, n):
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp", "block"])
-def test_joint_nll_matches_brute_force(kind):
+def test_joint_nll_matches_brute_force(loss_model, kind):
     n, r, V = 3, 2, 4
-    model, cfg = tiny_model(n, r, V, kind=kind)
+    model, cfg = loss_model(n, r, V, kind=kind)
     idx = torch.tensor([[1, 3, 0, 2, 2, 1]])
     z, states = model(idx)
     T = idx.shape[1]
@@ -63,9 +48,9 @@ def test_joint_nll_matches_brute_force(kind):
     torch.testing.assert_close(terms.offset_nll.double(), expected_offsets / T, rtol=1e-5, atol=1e-6)
 
 
-def test_rank_one_is_sum_of_independent_cross_entropies():
+def test_rank_one_is_sum_of_independent_cross_entropies(loss_model):
     n, V = 4, 7
-    model, cfg = tiny_model(n=n, r=1, V=V)
+    model, cfg = loss_model(n=n, r=1, V=V)
     idx = torch.randint(0, V, (2, 5))
     z, states = model(idx)
     targets = torch.randint(0, V, (2, 5, n))
@@ -78,8 +63,8 @@ def test_rank_one_is_sum_of_independent_cross_entropies():
     assert terms.loss.item() == pytest.approx(ce.item(), rel=1e-6)
 
 
-def test_marginal_is_a_distribution():
-    model, _ = tiny_model(n=3, r=4, V=6)
+def test_marginal_is_a_distribution(loss_model):
+    model, _ = loss_model(n=3, r=4, V=6)
     z, states = model(torch.randint(0, 6, (2, 5)))
     for verifier in ("marginal", "lm_head"):
         lp = model.verifier_logprobs(z, states, verifier)  # (2, 5, V)
@@ -87,9 +72,9 @@ def test_marginal_is_a_distribution():
 
 
 @pytest.mark.parametrize("balance", ["switch", "cv2", "none"])
-def test_lean_loss_equals_naive_in_value_and_gradients(balance):
+def test_lean_loss_equals_naive_in_value_and_gradients(loss_model, balance):
     n, r, V = 3, 3, 50
-    model, cfg = tiny_model(n=n, r=r, V=V, D=16)
+    model, cfg = loss_model(n=n, r=r, V=V, D=16)
     idx = torch.randint(0, V, (3, 9))
     targets = torch.randint(0, V, (3, 9, n))
     results = []
@@ -153,9 +138,9 @@ def test_mixture_health_counts_dead_experts():
     assert h["router_entropy"].item() == pytest.approx(-(w * w.log()).sum(-1).mean().item(), rel=1e-6)
 
 
-def test_position_subset_keeps_next_token_term_on_all_positions():
+def test_position_subset_keeps_next_token_term_on_all_positions(loss_model):
     n, r, V = 3, 2, 11
-    model, cfg = tiny_model(n=n, r=r, V=V)
+    model, cfg = loss_model(n=n, r=r, V=V)
     idx = torch.randint(0, V, (2, 8))
     targets = torch.randint(0, V, (2, 8, n))
     z, states = model(idx)

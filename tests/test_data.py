@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 # offline before datasets / huggingface_hub are imported: they read these once, at import
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -161,10 +160,8 @@ def test_unreachable_hub_fails_fast(monkeypatch, offline):
         monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(hub, "_probe_target", lambda: ("127.0.0.1", 9))  # refused at once
-    start = time.monotonic()
     with pytest.raises(UserError, match=r"'someone/tiny-corpus' cannot be loaded.*stdlib or shakespeare"):
         Corpus("someone/tiny-corpus").documents()
-    assert time.monotonic() - start < 10
     assert huggingface_hub.constants.HF_HUB_OFFLINE == offline  # forced offline mode was undone
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -168,12 +167,6 @@ def test_sharded_checkpoint_reads_back_in_one_process(tmp_path):
 
 # ---- FSDP2 over two processes -------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -203,9 +196,9 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 @pytest.mark.distributed
-def test_fsdp2_per_block_sharding_gives_full_batch_gradients(tmp_path):
+def test_fsdp2_per_block_sharding_gives_full_batch_gradients(tmp_path, free_port):
     out = str(tmp_path / "result.pt")
-    mp.start_processes(_fsdp_worker, args=(2, _free_port(), out), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_fsdp_worker, args=(2, free_port, out), nprocs=2, join=True, start_method="spawn")
     results = torch.load(out, weights_only=True)
     for kind, result in results.items():
         model, _ = tiny(kind)

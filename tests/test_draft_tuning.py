@@ -20,7 +20,6 @@ from mtp_lightning.decoding.metrics import SpecAcceptance
 from mtp_lightning.decoding.sampling import Sampling
 from mtp_lightning.decoding.speculative import generate_speculative
 from mtp_lightning.objectives.draft_tuning import draft_objective, generate_pool, pool_batch
-from tests.test_cp_loss import tiny_model
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf" / "smoke.yaml")
 DRAFT = ["draft_tuning.sequences=24", "draft_tuning.prompt_len=16", "draft_tuning.new_tokens=24",
@@ -30,9 +29,9 @@ FAST = ["trainer.progress_bar=false", "trainer.max_steps=20", "trainer.val_check
 
 
 @pytest.mark.parametrize("kind", ["mlp", "block"])
-def test_draft_objective_matches_brute_force_and_trains_only_the_draft_maps(kind):
+def test_draft_objective_matches_brute_force_and_trains_only_the_draft_maps(loss_model, kind):
     n, r, V = 3, 2, 4
-    model, cfg = tiny_model(n, r, V, kind=kind)
+    model, cfg = loss_model(n, r, V, kind=kind)
     idx = torch.tensor([[1, 3, 0, 2, 2, 1]])
     with torch.no_grad():  # as in the training step: the trunk is frozen
         z = model.trunk(idx)
@@ -79,12 +78,11 @@ def _acceptance(model, prompts: torch.Tensor, new_tokens: int) -> float:
     return float(metric.summary()["mean_acceptance_length"])
 
 
-def test_tuned_drafts_are_accepted_more_often():
+def test_tuned_drafts_are_accepted_more_often(decoding_model):
     """A random model (not degenerate: its greedy text does not repeat one token) whose drafts are
     tuned on its own continuations: the same verifier, more accepted drafts per step."""
     from mtp_lightning.config import LossConfig
     from mtp_lightning.data.packing import split_window
-    from tests.test_decoding import tiny_model as decoding_model
 
     model = decoding_model("mlp", rank=2, vocab=50, n_future=4, seed=0)
     prompts = torch.randint(0, 50, (32, 6), generator=torch.Generator().manual_seed(0))
@@ -144,8 +142,8 @@ def test_resume_inside_draft_tuning_matches_the_uninterrupted_run(draft_run, tmp
         assert torch.equal(resumed["state_dict"][k], v), k
 
 
-def test_generate_pool_is_greedy_text_of_the_model():
-    model, _ = tiny_model(n=3, r=2, V=6)
+def test_generate_pool_is_greedy_text_of_the_model(loss_model):
+    model, _ = loss_model(n=3, r=2, V=6)
     model.train()
     prompts = torch.tensor([[1, 2, 3], [4, 0, 5]])
     pool = generate_pool(model, prompts, 5, "marginal", batch_size=1)
@@ -155,8 +153,8 @@ def test_generate_pool_is_greedy_text_of_the_model():
     assert pool[:, 3:].tolist() == generate_ar(model, prompts, 5).tokens
 
 
-def test_sampled_pool_is_the_seeded_sampled_text_of_the_model():
-    model, _ = tiny_model(n=3, r=2, V=6)
+def test_sampled_pool_is_the_seeded_sampled_text_of_the_model(loss_model):
+    model, _ = loss_model(n=3, r=2, V=6)
     model.eval()
     prompts = torch.tensor([[1, 2, 3], [4, 0, 5]])
     hot = Sampling(temperature=1.0)

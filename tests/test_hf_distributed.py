@@ -16,17 +16,16 @@ from mtp_lightning.cli import main  # noqa: E402
 from mtp_lightning.config import LossConfig  # noqa: E402
 from mtp_lightning.model.hf_backbone import HFTrunk, check_units, fsdp_units  # noqa: E402
 
-from tests.test_hf_backbone import (_one_thread, base_folder, base_weights, fit_args, hf_model,  # noqa: E402,F401
-                                    make_tiny_hf)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_ddp_with_a_frozen_backbone(tmp_path):
+def test_ddp_with_a_frozen_backbone(base_weights, fit_args, tiny_hf, tmp_path):
     """Two CPU processes (gloo): DDP syncs only the heads; the checkpoint still omits the backbone."""
     from mtp_lightning.checkpoints.io import META_KEY, load_for_inference, safe_load
 
-    folder = make_tiny_hf(tmp_path / "gpt2", "gpt2")
+    folder = tiny_hf(tmp_path / "gpt2", "gpt2")
     code = main(fit_args(folder, tmp_path / "runs", "ddp", "trainer.accelerator=cpu", "trainer.devices=2",
                          "trainer.strategy=ddp_spawn", "trainer.max_steps=4", "checkpoint.every_n_steps=2"))
     assert code == 0
@@ -42,7 +41,7 @@ def test_ddp_with_a_frozen_backbone(tmp_path):
 # ---- FSDP units -------------------------------------------------------------------------------------
 
 
-def test_fsdp_units_never_mix_frozen_and_trainable(base_folder):
+def test_fsdp_units_never_mix_frozen_and_trainable(hf_model, base_folder):
     model = hf_model(base_folder)
     units = fsdp_units(model)
     # two decoder layers, then the trunk with what they leave (embeddings, final norm, output layer)
@@ -82,16 +81,12 @@ dist.destroy_process_group()
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_fsdp2_units_run_forward_and_backward_on_one_cpu_process(base_folder):
+def test_fsdp2_units_run_forward_and_backward_on_one_cpu_process(base_folder, free_port):
     """FSDP2 (``fully_shard``) on a 1-process gloo group: the trunk's units gather their weights, the
     heads and the loss read U after the trunk ran, and the backward reaches the heads only."""
-    import socket
     import subprocess
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = subprocess.run([sys.executable, "-c", FSDP_SCRIPT, str(base_folder), str(port)],
+    out = subprocess.run([sys.executable, "-c", FSDP_SCRIPT, str(base_folder), str(free_port)],
                          capture_output=True, text=True, timeout=300)
     assert "fsdp-ok" in out.stdout, out.stderr[-2000:]
 
@@ -99,9 +94,10 @@ def test_fsdp2_units_run_forward_and_backward_on_one_cpu_process(base_folder):
 # ---- FSDP2 with a frozen backbone over two processes ----------------------------------------------------
 
 
-def _fsdp_hf_worker(rank: int, world: int, port: int, folder: str, out: str) -> None:
+def _fsdp_hf_worker(rank: int, world: int, port: int, folder: str, out: str, hf_model) -> None:
     """Each rank: an unsharded reference on the whole batch and the FSDP2-sharded model on its half,
-    two SGD steps; after each, greedy speculative decoding (after a forward, as in validation)."""
+    two SGD steps; after each, greedy speculative decoding (after a forward, as in validation).
+    ``hf_model`` is the conftest builder (a module-level function, so it pickles into the workers)."""
     import copy
 
     import torch.distributed as dist
@@ -175,20 +171,16 @@ def _fsdp_hf_worker(rank: int, world: int, port: int, folder: str, out: str) -> 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_fsdp2_frozen_backbone_gives_full_batch_gradients_and_decodes(base_folder, tmp_path):
+def test_fsdp2_frozen_backbone_gives_full_batch_gradients_and_decodes(base_folder, hf_model, free_port, tmp_path):
     """FSDP2 over 2 gloo processes: the sharded heads get the full-batch gradients (also with ``mlp``
     heads, whose forward returns nothing that needs a gradient; GPT-2's U is tied to its embedding,
     Llama's is not), the frozen backbone stays as it was, and greedy speculative decoding after
     training steps is the unsharded model's, token for token."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "result.pt"
-    mp.start_processes(_fsdp_hf_worker, args=(2, port, str(base_folder), str(out)), nprocs=2, join=True,
+    mp.start_processes(_fsdp_hf_worker, args=(2, free_port, str(base_folder), str(out), hf_model), nprocs=2,
+                       join=True,
                        start_method="spawn")
     results = torch.load(out, weights_only=True)
     assert list(results) == ["mlp-heads_only", "block-heads_only", "mlp-joint"]
@@ -202,7 +194,7 @@ def test_fsdp2_frozen_backbone_gives_full_batch_gradients_and_decodes(base_folde
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_fsdp_with_a_frozen_backbone_fits_and_resumes(tmp_path):
+def test_fsdp_with_a_frozen_backbone_fits_and_resumes(base_weights, fit_args, tiny_hf, tb_scalars, tmp_path):
     """``trainer.strategy=fsdp`` on 2 CPU processes, heads only, with the acceptance callback: the
     sharded checkpoint holds only the heads (and their optimizer state) and the base model's
     reference; ``--resume last`` continues the step count; the backbone stays bit-identical."""
@@ -213,9 +205,8 @@ def test_fsdp_with_a_frozen_backbone_fits_and_resumes(tmp_path):
 
     from mtp_lightning.checkpoints.io import META_KEY, load_for_inference, safe_load
     from mtp_lightning.training.distributed import is_sharded_checkpoint
-    from tests.test_fit import tb_scalars
 
-    folder = make_tiny_hf(tmp_path / "gpt2", "gpt2")
+    folder = tiny_hf(tmp_path / "gpt2", "gpt2")
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 

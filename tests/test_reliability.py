@@ -191,3 +191,36 @@ def test_resume_after_a_graceful_stop_keeps_one_last_checkpoint(tmp_path):
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
     assert sorted(p.name for p in last.parent.glob("last*.ckpt")) == ["last.ckpt"]
     assert global_step(last) == stopped + 6
+
+
+def test_newest_checkpoint_is_last_ckpt_else_the_newest_that_loads(tmp_path):
+    from mtp_lightning.checkpoints.io import META_KEY, find_resume_checkpoint, newest_checkpoint
+
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+
+    def write(name: str, step: int, mtime: int) -> Path:
+        path = folder / name
+        torch.save({META_KEY: {"format": 1}, "state_dict": {}, "global_step": step}, path)
+        os.utime(path, (mtime, mtime))
+        return path
+
+    assert newest_checkpoint(tmp_path / "run") is None
+    with pytest.raises(UserError, match="nothing to resume: no checkpoint in"):
+        find_resume_checkpoint(tmp_path / "run")
+    write("step0000004.ckpt", 4, 1_000)
+    write("best-step0000008.ckpt", 8, 3_000)
+    write("last.ckpt", 6, 2_000)  # last.ckpt wins even when another file is newer
+    path, ckpt = newest_checkpoint(tmp_path / "run")
+    assert (path.name, ckpt["global_step"]) == ("last.ckpt", 6)
+    last = folder / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:100])  # torn by a kill
+    path, ckpt = newest_checkpoint(tmp_path / "run")  # then the newest by modification time
+    assert (path.name, ckpt["global_step"]) == ("best-step0000008.ckpt", 8)
+    os.utime(folder / "step0000004.ckpt", (4_000, 4_000))
+    assert find_resume_checkpoint(tmp_path / "run") == folder / "step0000004.ckpt"
+    for name in ("step0000004.ckpt", "best-step0000008.ckpt"):
+        (folder / name).write_bytes(b"not a checkpoint")
+    assert newest_checkpoint(tmp_path / "run") is None
+    with pytest.raises(UserError, match="no usable checkpoint in .*: every .ckpt there is truncated"):
+        find_resume_checkpoint(tmp_path / "run")

@@ -4,6 +4,7 @@
 import contextlib
 import io
 import json
+import math
 import signal
 from pathlib import Path
 
@@ -44,10 +45,10 @@ def _sweep_file(tmp_path, body: str) -> str:
 
 @pytest.mark.parametrize("body, message", [
     ("sweep:\n  gird: {model.heads.rank: [1, 2]}\n", "unknown sweep key 'gird' in"),
-    ("sweep:\n  grid: {model.heads.rnak: [1, 2]}\n", "unknown run config key 'model.heads.rnak' in sweep.grid"),
+    ("sweep:\n  grid: {model.heads.rnak: [1, 2]}\n", "unknown config key 'model.heads.rnak' in sweep.grid"),
     ("sweep:\n  grid: {model.heads.rank: 2}\n", "must be a non-empty list"),
     ("sweep:\n  grid: {model.heads.rank: [1]}\n  extra_points: [{model.loss.balanse: none}]\n",
-     "unknown run config key 'model.loss.balanse' in sweep.extra_points[0]"),
+     "unknown config key 'model.loss.balanse' in sweep.extra_points[0]"),
     ("sweep:\n  grid: {model.heads.rank: [1]}\n  measure: {n_promts: 2}\n", "unknown sweep key 'measure.n_promts'"),
     ("run:\n  name: x\n", "is not a sweep file"),
 ])
@@ -159,7 +160,13 @@ def test_quick_sweep_writes_runs_and_report(quick_sweep):
         run = quick_sweep / name
         assert (run / "config.yaml").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
         m = json.loads((run / "metrics.json").read_text())
-        assert m["step"] == 8 and m["heldout"]["bits_per_byte"] > 0 and m["other_corpus"]["source"] == "shakespeare"
+        h = m["heldout"]
+        assert m["step"] == 8 and m["other_corpus"]["source"] == "shakespeare"
+        # bits per byte and the next-token NLL are one measurement: nats per token x tokens / bytes / ln 2
+        assert h["bits_per_byte"] == pytest.approx(h["next_token_nll"] * h["heldout_positions"] / h["heldout_bytes"]
+                                                   / math.log(2), rel=1e-5)
+        assert set(m["machine"]) == {"cpu", "cpu_flags", "cores", "threads", "torch", "python",
+                                     "load_average_1min", "gpu"}
         assert len(m["heldout"]["offset_nll"]) == 4 and len(m["decoding"]["sampled_per_position"]) == 3
         assert m["decoding"]["identical"] and m["s_per_step"] > 0 and m["train_tokens_per_s"] > 0
     for png in PLOTS:

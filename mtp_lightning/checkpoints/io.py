@@ -145,7 +145,7 @@ def safe_load(path: str | os.PathLike) -> dict:
                             f"refusing it. Only load checkpoints written by mtp_lightning") from None
         raise UserError(f"checkpoint '{path}' is truncated or corrupted ({type(e).__name__}); use an earlier "
                         f"one from the same checkpoints/ folder") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, IndexError) as e:
         raise UserError(f"checkpoint '{path}' is truncated or corrupted ({str(e).splitlines()[0][:80]}); "
                         f"use an earlier one from the same checkpoints/ folder") from None
     return _check_contents(ckpt, path)
@@ -211,18 +211,31 @@ def load_module_checkpoint(module: torch.nn.Module, ckpt: dict, path) -> None:
     load_state(module, restore_frozen_backbone(ckpt, module.model.trunk, path), path)
 
 
-def find_resume_checkpoint(run_dir: Path) -> Path:
-    """The newest complete checkpoint of a run: last.ckpt, else the newest other .ckpt that loads."""
-    ckpt_dir = run_dir / "checkpoints"
+def newest_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
+    """A run's newest complete checkpoint and its contents, or None when none loads.
+
+    ``last.ckpt`` first: training rewrites it at every periodic save, after every validation and on a
+    graceful stop (its ModelCheckpoints have no version counter, so there is never a ``last-v1.ckpt``).
+    When it is missing or torn by a kill, the other ``*.ckpt`` are tried newest first by modification
+    time."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
     candidates = sorted(ckpt_dir.glob("*.ckpt"), key=lambda p: (p.name != "last.ckpt", -p.stat().st_mtime))
-    if not candidates:
-        raise UserError(f"nothing to resume: no checkpoint in '{ckpt_dir}'; start the run with `fit` "
-                        f"(without --resume) or pass --resume PATH to a .ckpt file")
-    errors = []
     for c in candidates:
         try:
-            safe_load(c)
-            return c
-        except UserError as e:
-            errors.append(str(e))
-    raise UserError(f"no usable checkpoint in '{ckpt_dir}': {errors[0]}")
+            return c, safe_load(c)
+        except UserError:
+            continue
+    return None
+
+
+def find_resume_checkpoint(run_dir: Path) -> Path:
+    """``newest_checkpoint``'s path, or a ``UserError`` that says why there is nothing to resume."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    if not any(ckpt_dir.glob("*.ckpt")):
+        raise UserError(f"nothing to resume: no checkpoint in '{ckpt_dir}'; start the run with `fit` "
+                        f"(without --resume) or pass --resume PATH to a .ckpt file")
+    newest = newest_checkpoint(run_dir)
+    if newest is None:
+        raise UserError(f"no usable checkpoint in '{ckpt_dir}': every .ckpt there is truncated or not an "
+                        f"mtp_lightning checkpoint; pass --resume PATH to a good one")
+    return newest[0]

@@ -17,6 +17,7 @@ default: ``stdlib`` for ``code``, ``shakespeare`` for ``text`` (so a text run on
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 from pathlib import Path
@@ -92,12 +93,15 @@ class CorpusDataModule(L.LightningDataModule):
         self._datasets: dict[str, WindowDataset] = {}
         self._bytes_per_token: torch.Tensor | None = None
         self._loaded_state: dict | None = None
+        self.tokenizer_origin = ""
+        """Where the tokenizer came from, for the run's preamble (set by ``prepare_corpus``)."""
 
     # ---- preparing ------------------------------------------------------------------------------
     def set_tokenizer(self, tok: Tokenizer) -> None:
         """Use this tokenizer (from a checkpoint) instead of training or loading one."""
         self._tokenizer = tok
         self._meta, self._datasets, self._bytes_per_token = None, {}, None
+        self.tokenizer_origin = "from the checkpoint"
 
     def prepare_corpus(self) -> Tokenizer:
         """Tokenizer and tokenised splits, from the cache or built once. Idempotent."""
@@ -134,13 +138,13 @@ class CorpusDataModule(L.LightningDataModule):
         if k.kind in ("file", "hub") and not k.path:
             raise UserError(f"tokenizer.kind={k.kind} needs tokenizer.path (a tokenizer.json"
                             f"{'' if k.kind == 'file' else ', a folder or a hub name'})")
-        if k.kind == "file":
-            return Tokenizer.from_file(k.path)
-        if k.kind == "hub":
-            return Tokenizer.from_hub(k.path)
+        if k.kind in ("file", "hub"):
+            self.tokenizer_origin = f"loaded from {k.path}"
+            return Tokenizer.from_file(k.path) if k.kind == "file" else Tokenizer.from_hub(k.path)
         if k.kind != "bpe":
             raise UserError(f"tokenizer.kind={k.kind!r} is not one of bpe, file, hub")
         path = root / f"tokenizer-{fingerprint('bpe', corpus_key, k.vocab_size, k.train_bytes)}.json"
+        self.tokenizer_origin = f"BPE loaded from the cache ({path})"
         if not path.is_file():
             with locked(path):
                 if not path.is_file():
@@ -148,6 +152,7 @@ class CorpusDataModule(L.LightningDataModule):
                              k.vocab_size, self.source)
                     texts = bpe_texts(get_splits()["train"], k.train_bytes)
                     Tokenizer.train_bpe(texts, k.vocab_size).save(path)
+                    self.tokenizer_origin = f"BPE trained on the train split, cached at {path}"
         return Tokenizer.from_file(path)
 
     def _build(self, folder: Path, corpus_key: str, tok: Tokenizer, splits: dict[str, list[str]]) -> None:
@@ -210,6 +215,19 @@ class CorpusDataModule(L.LightningDataModule):
         """(vocab_size,) int64: how often each id occurs in a tokenised split (the draft vocabulary's
         frequency ranking, ``model/draft_vocab.py``)."""
         return np.bincount(np.load(self.split_path(split), mmap_mode="r"), minlength=vocab_size)
+
+    def gzip_bits_per_byte(self, split: str = "val") -> float:
+        """gzip -9's bits per byte on the split's text (documents joined, separators dropped): the
+        baseline a model's bits per byte is read against. Computed once per cached corpus."""
+        path = Path(self.stats["folder"]) / f"{split}-gzip9.json"
+        if path.is_file():
+            return json.loads(path.read_text(encoding="utf-8"))["bits_per_byte"]
+        eot = self.tokenizer.eot_id
+        text = self.tokenizer.decode([i for i in np.load(self.split_path(split)).tolist() if i != eot])
+        data = text.encode("utf-8")
+        value = 8 * len(gzip.compress(data, 9)) / max(len(data), 1)
+        save_json(path, {"bits_per_byte": value, "bytes": len(data)})
+        return value
 
     def _dataset(self, split: str) -> WindowDataset:
         self.prepare_corpus()

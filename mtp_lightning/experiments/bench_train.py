@@ -56,7 +56,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -398,21 +397,14 @@ def format_table(rows: list[dict]) -> str:
 
 
 def machine(threads: int = 0, device: str = "cpu", precision: str = "32-true", strategy: str = "none") -> dict:
-    """The CPU (``lscpu``'s model name), cores, torch, the threads each row ran with, the load, the GPU
-    (its name, memory and CUDA version when the rows ran there) and the rows' device, precision and
-    strategy."""
+    """``describe_machine()`` with the threads each row ran with, the rows' device, precision and
+    strategy, and the GPU's memory and CUDA version when the rows ran there."""
     import torch
 
-    model = platform.processor()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), model)
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    out = {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__,
-           "threads": threads or torch.get_num_threads(), "load_average_1min": os.getloadavg()[0], "gpu": gpu,
-           "device": device, "precision": precision, "strategy": strategy}
+    from mtp_lightning.machine import describe_machine
+
+    out = {**describe_machine(), "threads": threads or torch.get_num_threads(), "device": device,
+           "precision": precision, "strategy": strategy}
     if device == "cuda":
         out["gpu_memory_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
         out["cuda"] = torch.version.cuda

@@ -28,6 +28,7 @@ import json
 from pathlib import Path
 
 from mtp_lightning.checkpoints.io import atomic_write_bytes, atomic_write_text
+from mtp_lightning.machine import machine_line
 
 RANK = "model.heads.rank"
 BALANCE = "model.loss.balance"
@@ -259,8 +260,7 @@ def markdown(record: dict, points: list[dict], claims: list[dict], et: dict, plo
     mach = done[0]["metrics"]["machine"] if done else {}
     out = [f"# Sweep `{record['sweep']['name']}`", "",
            f"Command: `{record['command']}`", "",
-           f"Machine: {mach.get('cpu', '?')}, {mach.get('cores', '?')} cores, torch {mach.get('torch', '?')} "
-           f"with {mach.get('torch_threads', '?')} thread(s), GPU: {mach.get('gpu', '?')}.", "",
+           f"Machine: {machine_line(mach) if mach else '?'}.", "",
            f"Points: {len(done)} of {len(points)} finished." + (f" Missing: {', '.join(missing)}." if missing else ""),
            "", "## Held-out losses and throughput", ""]
     other = next((p["metrics"]["other_corpus"]["source"] for p in done if "other_corpus" in p["metrics"]), None)

@@ -18,9 +18,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import math
-import os
-import platform
 import shutil
 import statistics
 import time
@@ -32,8 +29,9 @@ import torch
 from omegaconf import OmegaConf
 
 from mtp_lightning.checkpoints.io import atomic_write_text
-from mtp_lightning.config import ALL_KEYS, _flatten, _load_yaml, load_config, to_dict
+from mtp_lightning.config import check_keys, flatten, load_config, load_yaml, to_dict
 from mtp_lightning.errors import UserError, closest
+from mtp_lightning.machine import describe_machine
 
 # the corpus each data.kind uses by default: the other one is measured too, in bits per byte
 OTHER_CORPUS = {"code": ("text", "shakespeare"), "text": ("code", "stdlib")}
@@ -108,18 +106,9 @@ def _check_sweep_keys(d: dict, origin: str) -> None:
             _check_sweep_keys(value, f"{origin} (quick)")
 
 
-def _check_run_keys(d: dict, origin: str) -> dict[str, Any]:
-    flat = _flatten(d)
-    for key in flat:
-        if key not in ALL_KEYS:
-            raise UserError(f"unknown run config key '{key}' in {origin}{closest(key, ALL_KEYS)}; see "
-                            f"`python -m mtp_lightning fit --print-config` for every key")
-    return flat
-
-
 def load_sweep(path: str, overrides: list[str] | None = None, quick: bool = False) -> tuple[SweepConfig, Path]:
     """The sweep of ``path`` (with ``sweep.*`` overrides, and ``quick`` merged when asked)."""
-    data = _load_yaml(path)
+    data = load_yaml(path)
     if set(data) != {"sweep"}:
         raise UserError(f"'{path}' is not a sweep file: it must hold one top-level 'sweep:' mapping (found "
                         f"{', '.join(sorted(data)) or 'nothing'}); run configs go to `fit --config`")
@@ -146,7 +135,7 @@ def load_sweep(path: str, overrides: list[str] | None = None, quick: bool = Fals
         raise UserError(f"sweep.grid in '{path}' must map run config keys to lists of values, e.g. "
                         f"grid: {{model.heads.rank: [1, 2, 4, 8]}}")
     # dotted and nested spellings (YAML, `sweep.grid.model.heads.rank=[1,2]`) become dotted keys
-    cfg.grid = _check_run_keys(cfg.grid, "sweep.grid")
+    cfg.grid = check_keys(cfg.grid, "sweep.grid")
     return cfg, Path(path).resolve().parent
 
 
@@ -157,7 +146,7 @@ def _label(key: str, value: Any) -> str:
 
 
 def expand_points(cfg: SweepConfig) -> list[Point]:
-    grid = _check_run_keys(cfg.grid, "sweep.grid")
+    grid = check_keys(cfg.grid, "sweep.grid")
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise UserError(f"sweep.grid.{key}={values!r} must be a non-empty list of values")
@@ -166,7 +155,7 @@ def expand_points(cfg: SweepConfig) -> list[Point]:
     for i, extra in enumerate(cfg.extra_points or []):
         if not isinstance(extra, dict) or not extra:
             raise UserError(f"sweep.extra_points[{i}] must be a mapping of run config keys to values")
-        flat = _check_run_keys(extra, f"sweep.extra_points[{i}]")
+        flat = check_keys(extra, f"sweep.extra_points[{i}]")
         points.append(Point("_".join(_label(k, v) for k, v in flat.items()), flat, extra=True))
     names = [p.name for p in points]
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -191,12 +180,12 @@ class Sweep:
         self.cfg, self.points = cfg, expand_points(cfg)
         self.dir = Path(cfg.root) / cfg.name
         self.files = [str(folder / f) for f in cfg.configs]
-        axes = set(_flatten(cfg.grid))
+        axes = set(flatten(cfg.grid))
         clash = [o.split("=", 1)[0] for o in run_overrides if o.split("=", 1)[0].strip() in axes]
         if clash:
             raise UserError(f"{clash[0]} is a grid axis of this sweep; change sweep.grid instead of "
                             f"overriding it for every point")
-        self.base_overrides = _dotlist(_check_run_keys(cfg.base or {}, "sweep.base")) + list(run_overrides)
+        self.base_overrides = _dotlist(check_keys(cfg.base or {}, "sweep.base")) + list(run_overrides)
 
     def overrides(self, p: Point) -> list[str]:
         return [*self.base_overrides, *_dotlist(p.overrides), f"run.root={self.dir}", f"run.name={p.name}",
@@ -207,42 +196,6 @@ class Sweep:
 
 
 # ---- measuring one finished run ---------------------------------------------------------------------
-
-def heldout_metrics(model, dm, max_batches: int) -> dict:
-    """Losses, bits per byte and router statistics of ``model`` on ``dm``'s held-out windows."""
-    from mtp_lightning.objectives.cp_loss import cp_objective, mixture_health
-    from mtp_lightning.data.packing import split_window
-
-    loss_cfg = dataclasses.replace(model.cfg.loss, position_fraction=1.0)
-    token_bytes = dm.tokenizer.token_bytes().float()  # (V,)
-    n_pos, joint, offsets, nats, nbytes, log_w, post = 0, 0.0, None, 0.0, 0.0, [], []
-    with torch.inference_mode():
-        for _, window in zip(range(max_batches), dm.val_dataloader()):
-            inputs, targets = split_window(window, model.n_future)  # (B, T), (B, T, n)
-            z, states = model(inputs)
-            t = cp_objective(model.heads, z, states, model.unembedding, targets, loss_cfg)
-            n = t.token_nll.numel()
-            n_pos += n
-            joint += float(t.joint_nll) * n
-            offsets = t.offset_nll * n if offsets is None else offsets + t.offset_nll * n  # (n_future,)
-            nats += float(t.token_nll.sum())
-            nbytes += float(token_bytes[targets[..., 0]].sum())
-            log_w.append(t.log_w)
-            post.append(t.posterior)
-    health = mixture_health(torch.cat(log_w), torch.cat(post))
-    weight = health["expert_weight"]  # (r,)
-    offsets = (offsets / n_pos).tolist()
-    return {
-        "joint_nll_per_token": joint / n_pos / model.n_future, "next_token_nll": offsets[0],
-        "offset_nll": offsets, "bits_per_byte": nats / math.log(2) / max(nbytes, 1.0),
-        "router_entropy": float(health["router_entropy"]), "busiest_share": float(health["busiest_share"]),
-        "dead_experts": int(health["dead_experts"]), "expert_weight": weight.tolist(),
-        "expert_wins": health["expert_wins"].tolist(),
-        # exp of the entropy of the mean router weights: how many experts the router really uses
-        "effective_experts": float(torch.exp(-(weight * weight.clamp_min(1e-12).log()).sum())),
-        "heldout_positions": n_pos,
-    }
-
 
 def tensorboard_curves(run_dir: Path) -> dict:
     """Validation curves by step, and the training time per step, from the run's TensorBoard files."""
@@ -268,30 +221,15 @@ def tensorboard_curves(run_dir: Path) -> dict:
             "curves": {tag: {"step": [s for s, _ in v], "value": [x for _, x in v]} for tag, v in curves.items()}}
 
 
-def newest_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
-    """The run's newest complete checkpoint and its step, or None.
-
-    By modification time, not by name: after a graceful stop, Lightning's ModelCheckpoint finds a
-    ``last.ckpt`` it did not write and saves its later ones as ``last-v1.ckpt``, ``last-v2.ckpt``, ...
-    """
-    from mtp_lightning.checkpoints.io import safe_load
-
-    ckpts = sorted((run_dir / "checkpoints").glob("*.ckpt"), key=lambda c: -c.stat().st_mtime) \
-        if (run_dir / "checkpoints").is_dir() else []
-    for c in ckpts:
-        try:
-            return c, int(safe_load(c)["global_step"])
-        except UserError:  # torn by a kill: an older one will do
-            continue
-    return None
-
-
 def measure(run_dir: Path, m: MeasureConfig) -> dict:
-    from mtp_lightning.checkpoints.io import load_for_inference
+    from mtp_lightning.checkpoints.io import load_for_inference, newest_checkpoint
     from mtp_lightning.data import checkpoint_datamodule
     from mtp_lightning.decoding.bench import run_benchmark
+    from mtp_lightning.objectives.heldout import heldout_metrics
 
-    ckpt, step = newest_checkpoint(run_dir)
+    ckpt, saved = newest_checkpoint(run_dir)
+    step = int(saved["global_step"])
+    del saved
     model, tok, cfg = load_for_inference(ckpt)
     dm = checkpoint_datamodule(cfg.data, cfg.tokenizer, model.n_future, cfg.run.seed, tok)
     out: dict[str, Any] = {"step": step, "checkpoint": ckpt.name,
@@ -318,29 +256,17 @@ def measure(run_dir: Path, m: MeasureConfig) -> dict:
 def _config_differs(saved: Path, expected) -> str | None:
     """The first run config key whose saved value differs from what the sweep would give now."""
     ignore = {"model.gpt.vocab_size", "trainer.progress_bar"}
-    old = _flatten(OmegaConf.to_container(OmegaConf.load(saved)))
-    new = _flatten(to_dict(expected))
+    old = flatten(OmegaConf.to_container(OmegaConf.load(saved)))
+    new = flatten(to_dict(expected))
     for key, value in new.items():
         if key not in ignore and key in old and old[key] != value:
             return f"{key}: trained with {old[key]!r}, the sweep now gives {value!r}"
     return None
 
 
-def machine() -> dict:
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "gpu": torch.cuda.is_available()}
-
-
 def run_sweep(path: str, overrides: list[str], quick: bool = False, report_only: bool = False) -> Path:
     """Train, measure and report every point of the sweep file ``path``; returns the sweep folder."""
+    from mtp_lightning.checkpoints.io import newest_checkpoint
     from mtp_lightning.experiments.report import write_report
     from mtp_lightning.training.train import fit
 
@@ -373,9 +299,12 @@ def run_sweep(path: str, overrides: list[str], quick: bool = False, report_only:
         newest = newest_checkpoint(run_dir)
         if run_dir.is_dir() and newest is None:
             shutil.rmtree(run_dir)  # died before its first checkpoint: nothing in it can be resumed
-        print(f"{tag}: {f'resuming from step {newest[1]}' if newest else 'training'}", flush=True)
+        resume, status = (str(newest[0]), f"resuming from step {newest[1]['global_step']}") if newest \
+            else (None, "training")
+        del newest  # the loaded checkpoint: fit reads it again
+        print(f"{tag}: {status}", flush=True)
         t0 = time.perf_counter()
-        _, stop = fit(sweep.files, sweep.overrides(p), str(newest[0]) if newest else None)
+        _, stop = fit(sweep.files, sweep.overrides(p), resume)
         if stop.received is not None:
             raise SweepStopped(int(stop.received), p.name)
         fit_s = time.perf_counter() - t0
@@ -383,7 +312,7 @@ def run_sweep(path: str, overrides: list[str], quick: bool = False, report_only:
         t0 = time.perf_counter()
         metrics = measure(run_dir, cfg.measure)
         metrics.update({"name": p.name, "overrides": p.overrides, "extra": p.extra, "fit_wall_s": fit_s,
-                        "measure_wall_s": time.perf_counter() - t0, "machine": machine()})
+                        "measure_wall_s": time.perf_counter() - t0, "machine": describe_machine()})
         atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     write_report(sweep.dir, record, [p.name for p in sweep.points], cfg.equal_time_budget_s)
     print(f"report: {sweep.dir / 'report.md'}", flush=True)

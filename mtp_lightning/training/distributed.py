@@ -30,7 +30,6 @@ compile, sharded checkpoints, and the combinations that are refused up front.
 
 from __future__ import annotations
 
-import os
 import types
 from pathlib import Path
 

@@ -19,6 +19,7 @@ from torchmetrics.text import Perplexity
 
 from mtp_lightning.config import Config, OptimConfig
 from mtp_lightning.objectives.cp_loss import cp_objective, mixture_health
+from mtp_lightning.objectives.heldout import bits_per_byte
 from mtp_lightning.data.packing import split_window
 from mtp_lightning.checkpoints.rng import rng_states, set_rng_states
 from mtp_lightning.errors import UserError
@@ -259,7 +260,7 @@ class CPLightningModule(L.LightningModule):
         m = self.stage_metrics[stage]
         if m["bytes"].update_count == 0:
             return
-        bpb = m["nats"].compute() / math.log(2) / m["bytes"].compute().clamp(min=1)
+        bpb = bits_per_byte(m["nats"].compute(), m["bytes"].compute())
         self.log(f"{stage}/bits_per_byte", bpb, sync_dist=False)  # already reduced by torchmetrics
         if m["ppl"].update_count:
             self.log(f"{stage}/ppl", m["ppl"].compute(), sync_dist=False)

@@ -20,6 +20,7 @@ from mtp_lightning.checkpoints.io import (AtomicCheckpointIO, META_KEY, atomic_w
                                          find_resume_checkpoint, safe_load)
 from mtp_lightning.config import Config, load_config, to_yaml
 from mtp_lightning.errors import UserError
+from mtp_lightning.machine import cpu_has_fast_bf16, describe_machine
 
 
 @dataclass
@@ -83,23 +84,21 @@ def check_devices(cfg: Config) -> None:
     check_parallel_config(cfg)
 
 
-def cpu_has_fast_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(cfg: Config) -> str:
+def resolve_precision(cfg: Config) -> tuple[str, str]:
+    """The Trainer's precision and why it was chosen (``trainer.precision=auto`` decides by the device)."""
     p = cfg.trainer.precision
     if p != "auto":
-        return p
+        return p, "trainer.precision"
     on_gpu = cfg.trainer.accelerator in ("gpu", "cuda") or (cfg.trainer.accelerator == "auto"
                                                             and torch.cuda.is_available())
     if on_gpu:
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "bf16-mixed" if cpu_has_fast_bf16() else "32-true"
+        if torch.cuda.is_bf16_supported():
+            return "bf16-mixed", "auto: the GPU supports bf16"
+        return "16-mixed", "auto: the GPU has no bf16"
+    cpu = describe_machine()["cpu"]
+    if cpu_has_fast_bf16():
+        return "bf16-mixed", f"auto: {cpu} has native bf16 matmuls (AVX512-BF16/AMX)"
+    return "32-true", f"auto: {cpu} has no AVX512-BF16/AMX, and bf16 matmuls there run slower than fp32"
 
 
 def build_strategy(cfg: Config):
@@ -195,7 +194,7 @@ def build_trainer(cfg: Config, paths: RunPaths | None, n_future: int) -> L.Train
     if t.progress_bar:
         callbacks.append(ProgressBar(refresh_rate=max(1, t.log_every_n_steps // 2)))
     return L.Trainer(
-        accelerator=t.accelerator, devices=t.devices, strategy=build_strategy(cfg), precision=resolve_precision(cfg),
+        accelerator=t.accelerator, devices=t.devices, strategy=build_strategy(cfg), precision=resolve_precision(cfg)[0],
         max_steps=t.max_steps + cfg.draft_tuning.steps, max_epochs=-1, val_check_interval=t.val_check_interval,
         check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches,
         limit_test_batches=t.limit_val_batches,
@@ -275,8 +274,10 @@ def check_hf_fit(cfg: Config, model, tokenizer_size: int) -> None:
                         f"model '{name}'; lower data.seq_len")
 
 
-def fit(files: list[str], overrides: list[str], resume: str | None = None) -> tuple[Path, object]:
-    """Train (or continue) a run; returns the run directory and the graceful-stop record."""
+def fit(files: list[str], overrides: list[str], resume: str | None = None, quiet: bool = False
+        ) -> tuple[Path, object]:
+    """Train (or continue) a run; returns the run directory and the graceful-stop record. Unless
+    ``quiet``, a preamble (``summary.preamble_lines``) is printed before training and a summary after."""
     ckpt_path, ckpt = None, None
     tokenizer_json = None
     if resume:
@@ -308,10 +309,17 @@ def fit(files: list[str], overrides: list[str], resume: str | None = None) -> tu
         atomic_write_text(paths.config, to_yaml(cfg))
         atomic_write_text(paths.tokenizer, tok.to_json())
     trainer = build_trainer(cfg, paths, cfg.model.heads.n_future)
+    from mtp_lightning.training.summary import preamble_lines, summary_lines
+
+    if not quiet and not is_launched_child():
+        print("\n".join(preamble_lines(cfg, dm, module.model, resolve_precision(cfg), run_dir, ckpt_path)),
+              flush=True)
     trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
     from callbacks.safety import GracefulStopCallback
 
     stop = next(c for c in trainer.callbacks if isinstance(c, GracefulStopCallback))
+    if not quiet and trainer.is_global_zero and stop.received is None:
+        print("\n".join(summary_lines(cfg, trainer, dm, run_dir)), flush=True)
     return run_dir, stop
 
 

@@ -1,0 +1,80 @@
+"""What ``fit`` tells the user: a preamble before the progress bar, and a summary once training ends.
+
+Both are lists of lines built from what the run already holds (the config, the prepared corpus, the
+model, the Trainer's last logged metrics), so printing them costs nothing but the gzip baseline, which
+the datamodule computes once per cached corpus.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mtp_lightning.config import Config
+
+
+def _model_line(cfg: Config, model) -> str:
+    h = cfg.model.heads
+    if cfg.model.backbone.kind == "hf":
+        trunk = f"{cfg.model.backbone.name_or_path} ({cfg.model.backbone.train_mode})"
+    else:
+        g = cfg.model.gpt
+        trunk = f"GPT {g.n_layer} layers x d_model {g.d_model}, {g.n_head} heads, context {g.max_seq_len}"
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    share = "all trainable" if trainable == total else f"{trainable:,} trainable"
+    return (f"model: {trunk}; CP heads n_future={h.n_future} rank={h.rank} kind={h.kind}; "
+            f"{total:,} parameters ({share})")
+
+
+def preamble_lines(cfg: Config, dm, model, precision: tuple[str, str], run_dir: Path, resumed_from=None
+                   ) -> list[str]:
+    """The corpus, the tokenizer, the model, the steps, the precision (and why) and the run folder."""
+    stats = dm.stats
+    b, t = stats["bytes"], stats["tokens"]
+    d, tr, tok = cfg.data, cfg.trainer, dm.tokenizer
+    steps = f"steps: {tr.max_steps:,} of batch {d.batch_size} x {d.seq_len} tokens, validation every " \
+            f"{tr.val_check_interval}, checkpoint every {cfg.checkpoint.every_n_steps}"
+    if cfg.draft_tuning.steps:
+        steps += f", then {cfg.draft_tuning.steps:,} draft-tuning steps"
+    lines = [
+        f"corpus: {dm.source} ({d.kind}): {b['train']:,} train bytes ({t['train']:,} tokens), "
+        f"{b['val']:,} held-out bytes ({t['val']:,} tokens)",
+        f"tokenizer: {dm.tokenizer_origin}; {tok.vocab_size:,} tokens",
+        _model_line(cfg, model),
+        steps,
+        f"precision: {precision[0]} ({precision[1]})",
+        f"run: {run_dir}" + (f", resumed from {resumed_from}" if resumed_from else ""),
+    ]
+    return lines
+
+
+def _checkpoint_paths(trainer) -> tuple[str, str]:
+    best = next((c.best_model_path for c in trainer.checkpoint_callbacks if c.monitor and c.best_model_path), "")
+    last = next((c.last_model_path for c in trainer.checkpoint_callbacks if c.last_model_path), "")
+    return best, last
+
+
+def summary_lines(cfg: Config, trainer, dm, run_dir: Path) -> list[str]:
+    """Held-out bits per byte beside gzip -9's, the last acceptance, the checkpoints and what to run next."""
+    metrics = trainer.callback_metrics
+    lines = [f"run finished at step {trainer.global_step}: {run_dir}"]
+    gzip_bpb = dm.gzip_bits_per_byte("val")
+    if "val/bits_per_byte" in metrics:
+        lines.append(f"held-out bits per byte: {float(metrics['val/bits_per_byte']):.3f} at the last validation "
+                     f"(gzip -9: {gzip_bpb:.3f} on the held-out split)")
+    else:
+        lines.append(f"held-out bits per byte: not measured (no validation ran); gzip -9: {gzip_bpb:.3f}")
+    if "spec/mean_acceptance_length" in metrics:
+        lines.append(f"acceptance at the last validation: tau {float(metrics['spec/mean_acceptance_length']):.2f} "
+                     f"tokens per step, acceptance rate {float(metrics['spec/acceptance_rate']):.3f} (greedy, "
+                     f"{cfg.spec.n_prompts} held-out prompts)")
+    best, last = _checkpoint_paths(trainer)
+    lines.append(f"checkpoints: best {best or 'none'}, last {last or 'none'}")
+    more = 2 * cfg.trainer.max_steps
+    lines += [
+        f"speedup: python -m mtp_lightning bench --ckpt {last or run_dir / 'checkpoints' / 'last.ckpt'}",
+        f"train further: python -m mtp_lightning fit --resume last run.root={run_dir.parent} "
+        f"run.name={run_dir.name} trainer.max_steps={more}",
+        f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}",
+    ]
+    return lines

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mtp_lightning.atomic import write_text, writing  # noqa: E402
 from mtp_lightning.checkpoints.io import META_KEY, load_for_inference, safe_load  # noqa: E402
 from mtp_lightning.decoding.bench import run_benchmark  # noqa: E402
 from mtp_lightning.machine import describe_machine, machine_line  # noqa: E402
@@ -36,7 +36,8 @@ def save_prompts(ckpt: str, out: str, n: int, length: int) -> None:
 
     model, tok, cfg = load_for_inference(ckpt)
     dm = checkpoint_datamodule(cfg.data, cfg.tokenizer, model.n_future, cfg.run.seed, tok)
-    torch.save(dm.val_prompts(n, length), out)
+    with writing(out) as f:
+        torch.save(dm.val_prompts(n, length), f)
     print(f"wrote {n} held-out prompts of {length} tokens to {out}")
 
 
@@ -45,9 +46,8 @@ def save_weights(ckpt: str, out: str) -> None:
     full = safe_load(ckpt)
     slim = {META_KEY: full[META_KEY],
             "state_dict": {k: v for k, v in full["state_dict"].items() if k.startswith("model.")}}
-    tmp = f"{out}.tmp"
-    torch.save(slim, tmp)
-    os.replace(tmp, out)
+    with writing(out, what="weights") as f:
+        torch.save(slim, f)
     print(f"wrote the model weights of {ckpt} to {out}")
 
 
@@ -94,10 +94,7 @@ def main() -> int:
               f"{r['mean_acceptance_length']:5.2f} {r['ar_ms_per_step']:10.2f} {r['spec_ms_per_step']:12.2f} "
               f"{str(r['identical']):>9}  {' '.join(f'{x:.3f}' for x in r['per_position'])}", flush=True)
     if args.json:
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=2)
-        os.replace(tmp, args.json)
+        write_text(args.json, json.dumps(results, indent=2))
     return 0 if all(r["identical"] for r in results) else 1
 
 

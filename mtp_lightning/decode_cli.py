@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from mtp_lightning.checkpoints.io import atomic_write_text, load_for_inference
+from mtp_lightning.atomic import write_text
+from mtp_lightning.checkpoints.io import load_for_inference
 from mtp_lightning.errors import UserError
 from mtp_lightning.machine import describe_machine, machine_line
 
@@ -168,7 +169,7 @@ def bench(args) -> int:
     print(f"machine: {machine_line(result['machine'])}")
     if args.json:
         out = Path(args.json)
-        atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+        write_text(out, json.dumps(result, indent=2) + "\n")
         plot_per_position(result, str(out.with_suffix(".png")))
         print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0 if result["identical"] else 1

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from mtp_lightning.config import ALL_KEYS, Config, load_config, to_yaml
+from mtp_lightning.config import ALL_KEYS, RANGES, Config, load_config, to_yaml
 from mtp_lightning.errors import UserError
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -86,3 +86,42 @@ def test_every_preset_loads(preset):
     assert load_config(overrides=[]) == Config()  # no files, no overrides: the schema's defaults
     # the printed config is itself a valid config file
     assert to_yaml(cfg).startswith("run:")
+
+
+def _outside(rule: str, integer: bool):
+    """A value just outside ``rule`` (``">= 1"``, ``"> 0"``, ``"[0, 1)"``...)."""
+    if rule[0] in "[(":
+        lo, hi = (float(x) for x in rule[1:-1].split(","))
+        return hi if rule[-1] == ")" else hi + 1
+    op, bound = rule.split()
+    return float(bound) - (1 if integer or op == ">=" else 0)
+
+
+def test_every_numeric_key_has_a_range():
+    numeric = {key for key, typ in ALL_KEYS.items() if typ in ("int", "float")}
+    assert numeric == set(RANGES)
+
+
+@pytest.mark.parametrize("key", sorted(RANGES))
+def test_a_value_outside_its_range_is_refused(key):
+    rule, _, note = RANGES[key].partition(";")
+    integer = ALL_KEYS[key] == "int"
+    value = _outside(rule, integer)
+    value = int(value) if integer else float(value)
+    bound = f"in {rule}" if rule[0] in "[(" else rule
+    expected = f"{key}={value} must be {bound}" + (f" ({note.strip()})" if note else "")
+    with pytest.raises(UserError) as e:
+        load_config(overrides=[f"{key}={value}"])
+    assert expected in str(e.value).split("invalid config: ", 1)[1].split("; "), str(e.value)
+
+
+def test_negative_head_lr_and_warmup_are_refused_together():
+    with pytest.raises(UserError) as e:
+        load_config(overrides=["optim.head_lr=-0.001", "optim.warmup_steps=-5"])
+    assert str(e.value) == ("invalid config: optim.head_lr=-0.001 must be >= 0 (0 uses optim.lr); "
+                            "optim.warmup_steps=-5 must be >= 0")
+
+
+def test_not_a_number_is_outside_every_range():
+    with pytest.raises(UserError, match=r"optim.lr=nan must be > 0"):
+        load_config(overrides=["optim.lr=nan"])

@@ -69,6 +69,8 @@ CASES = [
                                   "{tmp}/prompts.txt", "--prompt-len", "16", "--max-new-tokens", "16"], "--prompts '{tmp}/prompts.txt' is neither 'val'"),
     ("E33 decoding beyond the context", [*FIT, "spec.prompt_len=90"], "exceeds model.gpt.max_seq_len=96"),
     ("E34 run name with a slash", [*FIT, "run.name=a/b"], "must be a plain folder name"),
+    ("E35 negative head learning rate", [*FIT, "optim.head_lr=-1"], "optim.head_lr=-1.0 must be >= 0 (0 uses optim.lr)"),
+    ("E36 negative warm-up steps", [*FIT, "optim.warmup_steps=-5"], "optim.warmup_steps=-5 must be >= 0"),
 ]
 
 

@@ -262,3 +262,20 @@ def test_kernel_refuses_tensors_outside_cpu_memory():
         native.greedy_chain(torch.empty(1, 2, 2, 8, device="meta"), torch.empty(1, 2, device="meta"))
     with pytest.raises(ValueError, match="runs on the CPU"):
         native.mixture(torch.empty(1, 2, 8, device="meta"), torch.empty(1, 2, device="meta"))
+
+
+@pytest.mark.skipif(not CAN_BUILD, reason="no AVX2 or no C++ compiler here")
+def test_a_truncated_build_is_rebuilt_with_a_note(tmp_path):
+    """A library cut short (a full disk, a copy interrupted) no longer matches its manifest: the next
+    process rebuilds it, says so in one line, and uses the kernel."""
+    code = "from mtp_lightning.model import native; native.kernel(); print(native.why_not() or 'ok')"
+    env = {"MTP_LIGHTNING_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    so = next((tmp_path / "kernels").glob("*.so"))
+    good = so.read_bytes()
+    so.write_bytes(good[:1000])
+    again = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert again.stdout.strip() == "ok"
+    assert again.stderr.splitlines() == [f"note: the kernel build '{so}' is damaged ({so.name} holds 1000 bytes, "
+                                         f"its manifest says {len(good)}); rebuilding it"]
+    assert so.stat().st_size == len(good)

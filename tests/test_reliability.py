@@ -121,7 +121,7 @@ def test_a_failed_save_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(UserError, match="disk full while saving checkpoint .*the previous checkpoint is intact"):
+    with pytest.raises(UserError, match="disk full while writing checkpoint .*the previous checkpoint is intact"):
         AtomicCheckpointIO().save_checkpoint({"step": 2}, target)
     assert torch.load(target, weights_only=True) == {"step": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]

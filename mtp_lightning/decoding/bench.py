@@ -8,11 +8,10 @@ calls, prefill included, so the speedup is what a user would see.
 
 from __future__ import annotations
 
-import os
-import tempfile
 
 import torch
 
+from mtp_lightning.atomic import writing
 from mtp_lightning.decoding.autoregressive import generate_ar, left_pad
 from mtp_lightning.decoding.metrics import SpecAcceptance
 from mtp_lightning.decoding.sampling import Sampling
@@ -107,8 +106,7 @@ def format_table(result: dict) -> str:
 def plot_per_position(result: dict, png_path: str) -> None:
     """Per-position acceptance (bars, greedy and sampled if present) and the histogram, as one PNG.
 
-    The file is written to a temporary name in the same folder and renamed, so a reader never sees
-    half a PNG.
+    Written atomically (``mtp_lightning.atomic``), so a reader never sees half a PNG.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -132,12 +130,5 @@ def plot_per_position(result: dict, png_path: str) -> None:
             title="acceptance histogram")
     ax1.legend()
     fig.tight_layout()
-    folder = os.path.dirname(os.path.abspath(png_path))
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=100)
-        os.replace(tmp, png_path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with writing(png_path, what="plot") as f:
+        fig.savefig(f, format="png", dpi=100)

@@ -60,7 +60,8 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+from mtp_lightning.atomic import write_text
 
 WORKER_FLAG = "--worker"
 
@@ -480,15 +481,14 @@ def run(args: argparse.Namespace) -> int:
           f"d={args.d_model}{setting}", file=sys.stderr)
     head = {"command": command_line(args), "machine": machine(args.threads, args.device, args.precision,
                                                                 args.strategy)}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
 
     def partial(rows: list[dict]) -> None:  # so that a run cut short still leaves the rows it finished
-        Path(args.json).write_text(json.dumps({**head, "partial": True, "rows": rows}, indent=1))
+        write_text(args.json, json.dumps({**head, "partial": True, "rows": rows}, indent=1))
 
     rows = run_specs(specs, args.mem_budget_gib, log=lambda s: print(s, file=sys.stderr), on_row=partial)
     result = {**head, "rows": rows, "targets": summarise(rows)}
     print(format_table(rows))
-    Path(args.json).write_text(json.dumps(result, indent=1))
+    write_text(args.json, json.dumps(result, indent=1))
     print(f"wrote {args.json}", file=sys.stderr)
     return 0
 

@@ -27,7 +27,7 @@ import io
 import json
 from pathlib import Path
 
-from mtp_lightning.checkpoints.io import atomic_write_bytes, atomic_write_text
+from mtp_lightning.atomic import write_bytes, write_text
 from mtp_lightning.machine import machine_line
 
 RANK = "model.heads.rank"
@@ -169,7 +169,7 @@ def _save(fig, path: Path) -> None:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    atomic_write_bytes(path, buf.getvalue())
+    write_bytes(path, buf.getvalue())
 
 
 def _against_rank(ax, points, get, label, marker="o") -> None:
@@ -317,6 +317,6 @@ def write_report(folder: Path, record: dict, names: list[str], budget_s: float =
               "plots": plots, "missing": [p["name"] for p in points if not p["metrics"]],
               "points": [{"name": p["name"], "overrides": p["overrides"], "extra": p["extra"],
                           "metrics": p["metrics"]} for p in points]}
-    atomic_write_text(folder / "report.json", json.dumps(report, indent=2) + "\n")
-    atomic_write_text(folder / "report.md", markdown(record, points, claims, et, plots))
+    write_text(folder / "report.json", json.dumps(report, indent=2) + "\n")
+    write_text(folder / "report.md", markdown(record, points, claims, et, plots))
     return report

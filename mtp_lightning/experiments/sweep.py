@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from mtp_lightning.checkpoints.io import atomic_write_text
+from mtp_lightning.atomic import write_text
 from mtp_lightning.config import check_keys, flatten, load_config, load_yaml, to_dict
 from mtp_lightning.errors import UserError, closest
 from mtp_lightning.machine import describe_machine
@@ -284,7 +284,7 @@ def run_sweep(path: str, overrides: list[str], quick: bool = False, report_only:
     if report_only and (sweep.dir / "sweep.json").is_file():
         record = json.loads((sweep.dir / "sweep.json").read_text(encoding="utf-8"))  # the command that ran
     else:
-        atomic_write_text(sweep.dir / "sweep.json", json.dumps(record, indent=2, default=str) + "\n")
+        write_text(sweep.dir / "sweep.json", json.dumps(record, indent=2, default=str) + "\n")
     for i, p in enumerate(sweep.points if not report_only else []):
         run_dir = sweep.dir / p.name
         tag = f"[{i + 1}/{len(sweep.points)}] {p.name}"
@@ -313,7 +313,7 @@ def run_sweep(path: str, overrides: list[str], quick: bool = False, report_only:
         metrics = measure(run_dir, cfg.measure)
         metrics.update({"name": p.name, "overrides": p.overrides, "extra": p.extra, "fit_wall_s": fit_s,
                         "measure_wall_s": time.perf_counter() - t0, "machine": describe_machine()})
-        atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     write_report(sweep.dir, record, [p.name for p in sweep.points], cfg.equal_time_budget_s)
     print(f"report: {sweep.dir / 'report.md'}", flush=True)
     return sweep.dir

@@ -9,9 +9,10 @@ docs/benchmarks.md ("Few-row products"), median us, weights cold / hot: 4 x 256 
 How it is built: the first ``kernel()`` call compiles ``fewrow.cpp`` with the system's C++ compiler
 (``$CXX``, else ``g++``/``c++``; about 3 s) into ``$MTP_LIGHTNING_CACHE`` (default
 ``~/.cache/mtp_lightning``)/kernels, under a name that hashes the source, the flags and the torch
-build, so an edit or an upgrade rebuilds it. The build goes to a temporary file that is renamed into
-place under a file lock, so concurrent processes (DDP ranks, test workers) never load a half-written
-library. It links against the OpenMP runtime torch itself loaded, so the kernel uses torch's threads.
+build, so an edit or an upgrade rebuilds it. The build is an ``mtp_lightning.atomic.cached_entry``: it
+goes to a temporary file renamed into place under a file lock, so concurrent processes (DDP ranks, test
+workers) never load a half-written library, and a library that no longer matches its manifest (size
+and checksum) is rebuilt with a note. It links against the OpenMP runtime torch itself loaded, so the kernel uses torch's threads.
 Before it is used, one product is checked against ``F.linear``.
 
 It is skipped, and ``fastpath`` keeps its library paths, when any of these holds (``why_not()`` says
@@ -28,11 +29,12 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from mtp_lightning.atomic import cached_entry, sidecar, writing_path
 
 SOURCE = Path(__file__).with_name("fewrow.cpp")
 ABI_VERSION = 6
@@ -68,18 +70,10 @@ def _build(cxx: str, omp: Path | None) -> Path:
     tag = hashlib.sha256(b"\0".join([src, " ".join(flags).encode(), cxx.encode(), torch.__version__.encode(),
                                      str(omp).encode()])).hexdigest()[:16]
     out = cache_dir() / f"fewrow-{tag}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    from filelock import FileLock
 
-    with FileLock(str(out) + ".lock", timeout=600):
-        if out.exists():  # another process built it while this one waited
-            return out
-        fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-        os.close(fd)
-        try:
-            cmd = [cxx, *flags, str(SOURCE), "-o", tmp]
+    def compile_it() -> tuple[list[Path], dict]:
+        with writing_path(out, what="kernel build", fix="the kernel stays off: free space there") as tmp:
+            cmd = [cxx, *flags, str(SOURCE), "-o", str(tmp)]
             if omp is not None:
                 # link torch's own runtime by path: the loader then reuses the copy torch already loaded
                 # (same soname), so the kernel and torch share one OpenMP thread pool
@@ -87,10 +81,9 @@ def _build(cxx: str, omp: Path | None) -> Path:
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if res.returncode != 0:
                 raise RuntimeError(f"{' '.join(cmd)} failed: {res.stderr.strip()[-400:]}")
-            os.replace(tmp, out)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        return [out], {"tag": tag}
+
+    cached_entry(sidecar(out), compile_it, f"the kernel build '{out}'")
     return out
 
 

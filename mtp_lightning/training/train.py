@@ -16,8 +16,8 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from mtp_lightning.checkpoints.io import (AtomicCheckpointIO, META_KEY, atomic_write_text,
-                                         find_resume_checkpoint, safe_load)
+from mtp_lightning.atomic import write_text
+from mtp_lightning.checkpoints.io import AtomicCheckpointIO, META_KEY, find_resume_checkpoint, safe_load
 from mtp_lightning.config import Config, load_config, to_yaml
 from mtp_lightning.errors import UserError
 from mtp_lightning.machine import cpu_has_fast_bf16, describe_machine
@@ -306,8 +306,8 @@ def fit(files: list[str], overrides: list[str], resume: str | None = None, quiet
     paths = RunPaths(run_dir)
     if not is_launched_child():
         paths.checkpoints.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(paths.config, to_yaml(cfg))
-        atomic_write_text(paths.tokenizer, tok.to_json())
+        write_text(paths.config, to_yaml(cfg))
+        write_text(paths.tokenizer, tok.to_json())
     trainer = build_trainer(cfg, paths, cfg.model.heads.n_future)
     from mtp_lightning.training.summary import preamble_lines, summary_lines
 

@@ -416,3 +416,30 @@ def test_fused_native_draft_equals_the_step_by_step_draft_and_keeps_parity(greed
     finally:
         native.greedy_draft = real
     assert calls and 0 < accepted < drafted
+
+
+def test_benchmark_interleaves_and_repeats_in_alternating_order():
+    from mtp_lightning.decoding.bench import interleaved_order
+
+    assert interleaved_order(2, 2) == [(0, 0, "ar"), (0, 0, "spec"), (0, 1, "spec"), (0, 1, "ar"),
+                                       (1, 0, "ar"), (1, 0, "spec"), (1, 1, "spec"), (1, 1, "ar")]
+    assert interleaved_order(1, 3) == [(0, 0, "ar"), (0, 0, "spec"), (1, 0, "spec"), (1, 0, "ar"),
+                                       (2, 0, "ar"), (2, 0, "spec")]
+    result = run_benchmark(tiny_model(), [[1, 2, 3], [4, 5]], max_new_tokens=8, repeats=3)
+    assert result["identical"] is True and result["repeats"] == 3 and len(result["ar_seconds"]) == 3
+
+
+def test_timing_warnings_name_unsteady_loaded_and_impossible_runs():
+    from mtp_lightning.decoding.bench import timing_warnings
+
+    assert timing_warnings([2.0, 2.4], [1.0, 1.1], 2.0, 2.9, 1.9, 2) == []
+    assert timing_warnings([2.0, 58.0], [1.0, 1.0], 2.0, 2.9, None, 2) == [
+        "AR runs took 2.00 to 58.00 s over 2 repeats (29.0x apart): the machine was not steady; rerun on a "
+        "quiet machine or with more --repeats"]
+    assert timing_warnings([2.0], [1.0], 2.0, 2.9, 2.5, 2) == [
+        "the machine was loaded before the run (1-minute load average 2.50 on 2 cores): other processes "
+        "share the CPUs, so the timings may not be this model's"]
+    assert timing_warnings([2.0], [1.0], 2.6, 1.18, 0.1, 2) == [
+        "speedup 2.60x exceeds tau 1.18 (tokens per verification pass), which the same model cannot do: a "
+        "pass costs at least one AR step; the timings were disturbed"]
+    assert timing_warnings([2.0], [1.0], 1.29, 1.18, 0.1, 2) == []  # within the 10% margin

@@ -418,14 +418,14 @@ def test_fused_native_draft_equals_the_step_by_step_draft_and_keeps_parity(greed
     assert calls and 0 < accepted < drafted
 
 
-def test_benchmark_interleaves_and_repeats_in_alternating_order():
+def test_benchmark_interleaves_and_repeats_in_alternating_order(decoding_model):
     from mtp_lightning.decoding.bench import interleaved_order
 
     assert interleaved_order(2, 2) == [(0, 0, "ar"), (0, 0, "spec"), (0, 1, "spec"), (0, 1, "ar"),
                                        (1, 0, "ar"), (1, 0, "spec"), (1, 1, "spec"), (1, 1, "ar")]
     assert interleaved_order(1, 3) == [(0, 0, "ar"), (0, 0, "spec"), (1, 0, "spec"), (1, 0, "ar"),
                                        (2, 0, "ar"), (2, 0, "spec")]
-    result = run_benchmark(tiny_model(), [[1, 2, 3], [4, 5]], max_new_tokens=8, repeats=3)
+    result = run_benchmark(decoding_model(), [[1, 2, 3], [4, 5]], max_new_tokens=8, repeats=3)
     assert result["identical"] is True and result["repeats"] == 3 and len(result["ar_seconds"]) == 3
 
 

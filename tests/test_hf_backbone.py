@@ -74,7 +74,7 @@ def test_greedy_speculative_equals_hf_generate(greedy_parity, hf_model, base_fol
         assert 0 < accepted < drafted  # both the accept and the reject paths
 
 
-def test_eos_stops_where_hf_generate_stops(base_folder):
+def test_eos_stops_where_hf_generate_stops(hf_model, base_folder):
     """With an eos id greedy decoding reaches (a token of the first prompt's continuation, where it first
     appears), AR and speculative decoding stop where ``generate(do_sample=False, eos_token_id=...)``
     does: per row, and in a batch whose rows end at different steps."""

@@ -8,7 +8,8 @@ import torch
 
 import callbacks.safety as safety
 from mtp_lightning.cli import main
-from tests.test_fit import CONF, tb_scalars
+from tests.conftest import read_tb_scalars as tb_scalars
+from tests.test_fit import CONF
 
 COMMON = ["trainer.progress_bar=false", "trainer.val_check_interval=5", "checkpoint.every_n_steps=6",
           "trainer.log_every_n_steps=1", "trainer.limit_val_batches=1", "spec.every_n_val=0"]

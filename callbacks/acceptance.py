@@ -7,6 +7,8 @@ with real greedy speculative decoding (and sampled decoding with a fixed seed wh
 ``pl_module.log`` in ``on_validation_epoch_end``, so ``ModelCheckpoint(monitor=
 "spec/mean_acceptance_length", mode="max")`` sees them. It also logs the teacher-forced estimate
 ``spec/tf_mean_acceptance_length`` / ``spec/tf_acceptance_rate`` on the first validation batch.
+With ``stop_at_eos`` a prompt's decoding ends at the datamodule tokenizer's end-of-text token, as
+``generate`` and ``bench`` end theirs.
 
 Distributed runs: every rank decodes the same prompts (the counts are summed across ranks, which
 leaves the rates unchanged). Speculative steps can still differ between ranks (kernels are not
@@ -37,7 +39,7 @@ from mtp_lightning.decoding.teacher_forced import teacher_forced_acceptance
 class SpecAcceptanceCallback(pl.Callback):
     def __init__(self, every_n_val: int = 1, n_prompts: int = 4, prompt_len: int = 64, max_new_tokens: int = 64,
                  draft_len: int = 0, sampled: bool = False, verifier: str = "marginal", seed: int = 0,
-                 draft_precision: str = "auto"):
+                 draft_precision: str = "auto", stop_at_eos: bool = True):
         if every_n_val < 0 or n_prompts < 1 or prompt_len < 1 or max_new_tokens < 1:
             raise ValueError(f"SpecAcceptanceCallback needs every_n_val >= 0 and n_prompts, prompt_len, "
                              f"max_new_tokens >= 1; got {every_n_val}, {n_prompts}, {prompt_len}, "
@@ -45,6 +47,7 @@ class SpecAcceptanceCallback(pl.Callback):
         self.every_n_val, self.n_prompts, self.prompt_len = every_n_val, n_prompts, prompt_len
         self.max_new_tokens, self.draft_len, self.sampled = max_new_tokens, draft_len, sampled
         self.verifier, self.seed, self.draft_precision = verifier, seed, draft_precision
+        self.stop_at_eos = stop_at_eos
         self._validations = 0  # real (not sanity) validations seen; saved in checkpoints
         self._windows: torch.Tensor | None = None
         self._warned: set[str] = set()
@@ -53,7 +56,7 @@ class SpecAcceptanceCallback(pl.Callback):
     def from_config(cls, spec: SpecConfig) -> "SpecAcceptanceCallback":
         return cls(every_n_val=spec.every_n_val, n_prompts=spec.n_prompts, prompt_len=spec.prompt_len,
                    max_new_tokens=spec.max_new_tokens, draft_len=spec.draft_len, sampled=spec.sampled,
-                   verifier=spec.verifier, draft_precision=spec.draft_precision)
+                   verifier=spec.verifier, draft_precision=spec.draft_precision, stop_at_eos=spec.stop_at_eos)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -129,6 +132,8 @@ class SpecAcceptanceCallback(pl.Callback):
                 left = torch.tensor(0.0 if local_done else 1.0, device=device)
                 return bool(trainer.strategy.reduce(left, reduce_op="sum") == 0)
 
+        tokenizer = getattr(trainer.datamodule, "tokenizer", None)
+        eos_id = tokenizer.eot_id if self.stop_at_eos and tokenizer is not None else None
         runs = [("spec/", None)] if prompts is not None else []
         if prompts is not None and self.sampled:
             gen = torch.Generator(device=device).manual_seed(self.seed)
@@ -141,7 +146,7 @@ class SpecAcceptanceCallback(pl.Callback):
             with torch.inference_mode():
                 result = generate_speculative(model, prompts, self.max_new_tokens, verifier=self.verifier,
                                               draft_len=k, sampling=sampling, generator=gen, sync_done=sync_done,
-                                              draft_precision=self.draft_precision)
+                                              draft_precision=self.draft_precision, eos_id=eos_id)
             metric.update(*result.step_counts())
             stats = metric.summary()  # sums across ranks
             out[f"{prefix}acceptance_rate"] = stats["acceptance_rate"]

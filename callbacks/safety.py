@@ -1,5 +1,5 @@
-"""Stop cleanly on SIGTERM / SIGINT: finish the step, write ``last.ckpt``, say how to resume. Also make
-sure a finished run's final state is in ``last.ckpt``."""
+"""Stop cleanly on SIGTERM / SIGINT: finish the step, write ``last.ckpt``, skip any further validation,
+say how to resume. Also make sure a finished run's final state is in ``last.ckpt``."""
 
 from __future__ import annotations
 
@@ -44,9 +44,13 @@ class GracefulStopCallback(L.Callback):
         ckpt_cb = self._periodic(trainer)
         if ckpt_cb is not None:
             self.checkpoint_path = f"{ckpt_cb.dirpath}/last.ckpt"
-            trainer.save_checkpoint(self.checkpoint_path)
+            trainer.save_checkpoint(self.checkpoint_path, weights_only=False)
         self.stopped_at = trainer.global_step
         trainer.should_stop = True
+        # Lightning validates once more when should_stop is set (for early stopping), which can take
+        # minutes; a signal asks to stop now. With no validation batches enable_validation is False,
+        # so that validation is skipped (this trainer ends here; a resume builds a new one).
+        trainer.limit_val_batches = 0
 
     @override
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
@@ -58,7 +62,9 @@ class GracefulStopCallback(L.Callback):
         # state in last.ckpt
         ckpt_cb = self._periodic(trainer)
         if ckpt_cb is not None and getattr(self, "_saved_step", None) != trainer.global_step:
-            trainer.save_checkpoint(f"{ckpt_cb.dirpath}/last.ckpt")
+            # weights_only=False: the full training state (optimizer, loops), said explicitly; left unset,
+            # Lightning logs "`weights_only` was not set, defaulting to `False`" on every such save
+            trainer.save_checkpoint(f"{ckpt_cb.dirpath}/last.ckpt", weights_only=False)
 
     @staticmethod
     def _periodic(trainer):

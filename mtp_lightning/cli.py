@@ -7,6 +7,7 @@ config of ``fit``, ``validate`` and ``test`` is checked before torch and Lightni
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 
@@ -56,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights the draft is computed with (auto: int8 on the CPU); the output does not change")
     p.add_argument("--verifier", choices=("marginal", "lm_head"), default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="decode all --max-new-tokens instead of stopping at the tokenizer's end-of-sequence token")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     p.add_argument("--debug", action="store_true")
 
@@ -75,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights the draft is computed with (auto: int8 on the CPU); the output does not change")
     p.add_argument("--verifier", choices=("marginal", "lm_head"), default=None)
     p.add_argument("--sampled", action="store_true", help="also measure sampled acceptance")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="decode all --max-new-tokens instead of stopping each row at the end-of-sequence token")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="run the AR and speculative decodes this many times, interleaved; report the medians")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON here (and a PNG beside it)")
     p.add_argument("--debug", action="store_true")
 
@@ -115,6 +122,14 @@ def check_config_early(args: argparse.Namespace) -> None:
 
     from_file = getattr(args, "resume", None) not in (None, "last") or getattr(args, "ckpt", None) is not None
     load_config(args.config, args.overrides, check_values=not from_file)
+
+
+def no_spin_threads() -> None:
+    """OpenMP threads that busy-wait between parallel regions (the default) hold their cores even when
+    idle; on a machine shared with other work that made the same decode take 2 s or 58 s. PASSIVE
+    threads sleep instead. It must be in the environment before torch starts its OpenMP runtime, so
+    ``main`` calls this before anything imports torch; a value the user set is kept."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -176,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    if args.command == "bench":
+        no_spin_threads()
     if not args.debug:
         _quiet_libraries()
     try:

@@ -229,6 +229,9 @@ class SpecConfig:
     draft_precision: str = "auto"
     """Weights the drafts are computed with: ``int8`` copies (``auto`` on the CPU) or ``full``. The
     verifier is always full precision, so outputs do not change; acceptance may move a little."""
+    stop_at_eos: bool = True
+    """End each prompt's decoding at the tokenizer's end-of-text token, as ``generate`` and ``bench`` do
+    (``false`` decodes all ``max_new_tokens``, as their ``--ignore-eos`` does)."""
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,11 @@ def _check_args(args, model) -> None:
 
 def _verifier(args, cfg) -> str:
     return args.verifier or cfg.spec.verifier
+
+
+def _eos_id(args, tok) -> int | None:
+    """The tokenizer's end-of-sequence id, where decoding stops unless ``--ignore-eos`` is given."""
+    return None if args.ignore_eos else tok.eot_id
 
 
 def _draft_precision(args) -> str:
@@ -58,11 +64,12 @@ def generate(args) -> int:
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     generator = torch.Generator().manual_seed(args.seed)
     verifier = _verifier(args, cfg)
+    eos_id = _eos_id(args, tok)
 
     printed = [""]
 
     def stream(new_rows: list[list[int]]) -> None:
-        stream.ids += new_rows[0]
+        stream.ids += [t for t in new_rows[0] if t != eos_id]  # the eos ends the text, it is not shown
         text = tok.decode(stream.ids)
         if not args.json and not text.endswith("\ufffd"):  # wait for a whole UTF-8 character
             sys.stdout.write(text[len(printed[0]):])
@@ -73,13 +80,15 @@ def generate(args) -> int:
     if not args.json:
         sys.stdout.write(args.prompt)
     if args.mode == "ar":
-        out = generate_ar(model, [ids], max_new, verifier=verifier, sampling=sampling, generator=generator)
+        out = generate_ar(model, [ids], max_new, verifier=verifier, sampling=sampling, generator=generator,
+                          eos_id=eos_id)
         stream(out.tokens)
         stats = {}
     else:
         k = resolve_draft_len(model, args.draft_len)
         out = generate_speculative(model, [ids], max_new, verifier=verifier, draft_len=k, sampling=sampling,
-                                   draft_precision=_draft_precision(args), generator=generator, on_step=stream)
+                                   draft_precision=_draft_precision(args), generator=generator, eos_id=eos_id,
+                                   on_step=stream)
         metric = SpecAcceptance(k)
         metric.update(*out.step_counts())
         m = metric.summary()
@@ -87,7 +96,10 @@ def generate(args) -> int:
                  "mean_acceptance_length": float(m["mean_acceptance_length"]),
                  "per_position": [float(x) for x in m["per_position"]]}
     tokens = out.tokens[0]
-    result = {"text": tok.decode(tokens), "tokens": tokens, "mode": args.mode,
+    stopped_at_eos = eos_id is not None and tokens[-1] == eos_id
+    text = tok.decode(tokens[:-1] if stopped_at_eos else tokens)
+    result = {"text": text, "tokens": tokens, "mode": args.mode,
+              "stop": "eos" if stopped_at_eos else "max_new_tokens",
               "tokens_per_s": len(tokens) / max(out.seconds, 1e-9),
               "acceptance_rate": stats.get("acceptance_rate"),
               "mean_acceptance_length": stats.get("mean_acceptance_length"),
@@ -95,8 +107,9 @@ def generate(args) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        sys.stdout.write(tok.decode(tokens)[len(printed[0]):] + "\n")
-        line = f"[{args.mode}] {len(tokens)} tokens, {result['tokens_per_s']:.1f} tokens/s"
+        sys.stdout.write(text[len(printed[0]):] + "\n")
+        stop = f"stopped at {tok.eot_token}" if stopped_at_eos else "--max-new-tokens reached"
+        line = f"[{args.mode}] {len(tokens)} tokens ({stop}), {result['tokens_per_s']:.1f} tokens/s"
         if stats:
             per = " ".join(f"{x:.2f}" for x in stats["per_position"])
             line += (f", acceptance rate {stats['acceptance_rate']:.3f}, mean acceptance length "
@@ -143,30 +156,39 @@ def fit_bench_lengths(args, model) -> list[str]:
 
 def bench(args) -> int:
     from mtp_lightning.data import checkpoint_datamodule
-    from mtp_lightning.decoding.bench import format_table, plot_per_position, run_benchmark
+    from mtp_lightning.decoding.bench import format_table, plot_per_position, run_benchmark, timing_warnings
     from mtp_lightning.objectives.heldout import heldout_metrics
 
     model, tok, cfg = load_for_inference(args.ckpt)
     for note in fit_bench_lengths(args, model):
         print(f"bench: {note}", file=sys.stderr)
     _check_args(args, model)
-    if args.n_prompts < 1 or args.batch_size < 1 or args.prompt_len < 1:
-        raise UserError("--n-prompts, --batch-size and --prompt-len must be >= 1")
+    if args.n_prompts < 1 or args.batch_size < 1 or args.prompt_len < 1 or args.repeats < 1:
+        raise UserError(f"--n-prompts, --batch-size, --prompt-len and --repeats must be >= 1 (got {args.n_prompts}, "
+                        f"{args.batch_size}, {args.prompt_len}, {args.repeats})")
     if args.prompt_len + args.max_new_tokens + model.n_future > model.max_seq_len:
         raise UserError(f"--prompt-len {args.prompt_len} + --max-new-tokens {args.max_new_tokens} exceeds this "
                         f"model's context of {model.max_seq_len} tokens; lower one of them")
     dm = checkpoint_datamodule(cfg.data, cfg.tokenizer, model.n_future, cfg.run.seed, tok)
     prompts = _load_prompts(args, dm, tok, model)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # before this run's own threads
     t0 = time.perf_counter()
     result = run_benchmark(model, prompts, args.max_new_tokens, batch_size=args.batch_size,
                            verifier=_verifier(args, cfg), draft_len=args.draft_len, sampled=args.sampled,
-                           draft_precision=_draft_precision(args))
+                           draft_precision=_draft_precision(args), eos_id=_eos_id(args, tok),
+                           repeats=args.repeats)
     result.update({"val_bits_per_byte": heldout_metrics(model, dm, max_batches=8)["bits_per_byte"],
                    "gzip_bits_per_byte": dm.gzip_bits_per_byte("val")})
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    warnings = timing_warnings(result["ar_seconds"], result["spec_seconds"], result["speedup"],
+                               result["mean_acceptance_length"], load, cores)
     result.update({"checkpoint": str(args.ckpt), "machine": describe_machine(),
-                   "wall_s": time.perf_counter() - t0})
-    print(format_table({k: v for k, v in result.items() if k != "machine"}))
+                   "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""), "load_average": load,
+                   "cores": cores, "wall_s": time.perf_counter() - t0, "warnings": warnings})
+    print(format_table({k: v for k, v in result.items() if k not in ("machine", "warnings")}))
     print(f"machine: {machine_line(result['machine'])}")
+    for w in warnings:  # beside the table they qualify (stderr holds the notes on the lengths)
+        print(f"warning: {w}")
     if args.json:
         out = Path(args.json)
         write_text(out, json.dumps(result, indent=2) + "\n")

@@ -146,7 +146,10 @@ def test_stub_batch_eos_and_rows_of_different_lengths():
     gen = generate_speculative(model, [[0], [5, 6, 7]], 10, draft_len=3, eos_id=4)
     # row 0 reaches eos inside the first step's accepted drafts; row 1 sees eos after 7 tokens
     assert gen.tokens == [[1, 2, 3, 4], [8, 9, 0, 1, 2, 3, 4]]
-    assert gen.accepted == [[3], [3, 2]]
+    # a draft that crosses eos is cut there: the drafts before it are accepted (and all the step could
+    # keep), eos is the step's last token, so the m + 1 tokens per step are exactly the emitted ones
+    assert gen.accepted == [[2], [3, 1]] and gen.drafted == [[2], [3, 1]]
+    assert [sum(m + 1 for m in row) + 1 for row in gen.accepted] == [len(t) for t in gen.tokens]
     ar = generate_ar(model, [[0], [5, 6, 7]], 10, eos_id=4)
     assert ar.tokens == gen.tokens
     streamed = [[], []]
@@ -156,6 +159,34 @@ def test_stub_batch_eos_and_rows_of_different_lengths():
 
 
 # ---- greedy parity on tiny random CPModels -----------------------------------------------------------
+
+
+def test_eos_cuts_speculative_exactly_where_ar_stops(decoding_model):
+    """On the GPT trunk, with eos ids that greedy decoding reaches (tokens of the first row where they
+    first appear): AR and speculative decoding, per row and batched, stop at the first eos, and the
+    acceptance counts add up to the emitted tokens, also where the eos was an accepted draft."""
+    model = decoding_model("block", 3)  # its drafts are accepted at some first occurrences, not only in loops
+    prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15]]
+    full = [generate_ar(model, [p], 24).tokens[0] for p in prompts]
+    plain = {k: generate_speculative(model, [prompts[0]], 24, draft_len=k) for k in range(1, model.n_future)}
+    cut_drafts = 0
+    for j in range(2, 24):
+        eos = full[0][j]
+        if eos in full[0][:j]:
+            continue
+        want = [row[: row.index(eos) + 1] if eos in row else row for row in full]
+        assert generate_ar(model, prompts, 24, eos_id=eos).tokens == want
+        for k in range(1, model.n_future):
+            batch = generate_speculative(model, prompts, 24, draft_len=k, eos_id=eos)
+            one = generate_speculative(model, [prompts[0]], 24, draft_len=k, eos_id=eos)
+            assert batch.tokens == want and one.tokens == want[:1], f"eos {eos}, k={k}"
+            for gen in (batch, one):
+                assert [sum(m + 1 for m in row) + 1 for row in gen.accepted] == [len(t) for t in gen.tokens]
+                assert all(a <= d <= k for ra, rd in zip(gen.accepted, gen.drafted) for a, d in zip(ra, rd))
+            # without the eos, was position j an accepted draft rather than the last token of its step?
+            ends = set(itertools.accumulate(m + 1 for m in plain[k].accepted[0]))
+            cut_drafts += j not in ends
+    assert cut_drafts > 0  # some eos was an accepted draft, so a draft was cut there
 
 
 @pytest.mark.parametrize("kind,rank", list(itertools.product(["linear", "mlp", "block"], [1, 3])))
@@ -385,3 +416,30 @@ def test_fused_native_draft_equals_the_step_by_step_draft_and_keeps_parity(greed
     finally:
         native.greedy_draft = real
     assert calls and 0 < accepted < drafted
+
+
+def test_benchmark_interleaves_and_repeats_in_alternating_order(decoding_model):
+    from mtp_lightning.decoding.bench import interleaved_order
+
+    assert interleaved_order(2, 2) == [(0, 0, "ar"), (0, 0, "spec"), (0, 1, "spec"), (0, 1, "ar"),
+                                       (1, 0, "ar"), (1, 0, "spec"), (1, 1, "spec"), (1, 1, "ar")]
+    assert interleaved_order(1, 3) == [(0, 0, "ar"), (0, 0, "spec"), (1, 0, "spec"), (1, 0, "ar"),
+                                       (2, 0, "ar"), (2, 0, "spec")]
+    result = run_benchmark(decoding_model(), [[1, 2, 3], [4, 5]], max_new_tokens=8, repeats=3)
+    assert result["identical"] is True and result["repeats"] == 3 and len(result["ar_seconds"]) == 3
+
+
+def test_timing_warnings_name_unsteady_loaded_and_impossible_runs():
+    from mtp_lightning.decoding.bench import timing_warnings
+
+    assert timing_warnings([2.0, 2.4], [1.0, 1.1], 2.0, 2.9, 1.9, 2) == []
+    assert timing_warnings([2.0, 58.0], [1.0, 1.0], 2.0, 2.9, None, 2) == [
+        "AR runs took 2.00 to 58.00 s over 2 repeats (29.0x apart): the machine was not steady; rerun on a "
+        "quiet machine or with more --repeats"]
+    assert timing_warnings([2.0], [1.0], 2.0, 2.9, 2.5, 2) == [
+        "the machine was loaded before the run (1-minute load average 2.50 on 2 cores): other processes "
+        "share the CPUs, so the timings may not be this model's"]
+    assert timing_warnings([2.0], [1.0], 2.6, 1.18, 0.1, 2) == [
+        "speedup 2.60x exceeds tau 1.18 (tokens per verification pass), which the same model cannot do: a "
+        "pass costs at least one AR step; the timings were disturbed"]
+    assert timing_warnings([2.0], [1.0], 1.29, 1.18, 0.1, 2) == []  # within the 10% margin

@@ -224,3 +224,56 @@ def test_bench_defaults_are_clipped_to_the_context_and_explicit_values_refused(s
     assert main(["bench", "--ckpt", ckpt, "--prompt-len", "64", "--max-new-tokens", "48"]) == 2
     assert capsys.readouterr().err == ("error: --prompt-len 64 + --max-new-tokens 48 exceeds this model's context "
                                        "of 96 tokens; lower one of them\n")
+
+
+def test_generate_and_bench_stop_at_the_end_of_text_token(smoke_run, capsys, tmp_path):
+    """The CLI stops at the tokenizer's end-of-text token by default. The smoke model only repeats
+    spaces, so its checkpoint gets random weights (embeddings scaled up, as tests/test_decoding.py's
+    tiny models, so greedy text varies), then the (tied) embedding rows of eot and of a token of its
+    greedy continuation are swapped: that copy's greedy text is the same, with eot where that token was."""
+    import json
+
+    from mtp_lightning.checkpoints.io import load_for_inference
+
+    ckpt = smoke_run / "checkpoints" / "last.ckpt"
+    model, tok, _ = load_for_inference(ckpt)
+    torch.manual_seed(0)
+    for module in model.modules():
+        if module is not model and hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    with torch.no_grad():
+        model.trunk.wte.weight.mul_(3.0)
+        model.trunk.wpe.weight.mul_(10.0)
+    saved = torch.load(ckpt, weights_only=True)
+    saved["state_dict"].update({f"model.{k}": v.clone() for k, v in model.state_dict().items()})
+    random_ckpt = tmp_path / "random.ckpt"
+    torch.save(saved, random_ckpt)
+    prompt = "def f(x):"
+    assert main(["generate", "--ckpt", str(random_ckpt), "--prompt", prompt, "--max-new-tokens", "20", "--mode",
+                 "ar", "--json"]) == 0
+    tokens = json.loads(capsys.readouterr().out)["tokens"]
+    eot, prompt_ids = tok.eot_id, tok.encode(prompt)
+    assert len(tokens) == 20 and eot not in tokens
+    j = next(j for j in range(3, 20) if tokens[j] not in tokens[:j] and tokens[j] not in prompt_ids)
+    wte = saved["state_dict"]["model.trunk.wte.weight"]
+    wte[[eot, tokens[j]]] = wte[[tokens[j], eot]]
+    swapped = tmp_path / "swapped.ckpt"
+    torch.save(saved, swapped)
+    for mode in ("ar", "spec"):
+        assert main(["generate", "--ckpt", str(swapped), "--prompt", prompt, "--max-new-tokens", "20", "--mode",
+                     mode, "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["tokens"] == tokens[:j] + [eot] and out["stop"] == "eos"
+        assert out["text"] == tok.decode(tokens[:j])  # the eot ends the text, it is not part of it
+        assert main(["generate", "--ckpt", str(swapped), "--prompt", prompt, "--max-new-tokens", "20", "--mode",
+                     mode, "--json", "--ignore-eos"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert len(out["tokens"]) == 20 and out["tokens"][j] == eot and out["stop"] == "max_new_tokens"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(prompt + "\n")
+    bench_json = tmp_path / "bench.json"
+    assert main(["bench", "--ckpt", str(swapped), "--prompts", str(prompts), "--max-new-tokens", "20",
+                 "--repeats", "2", "--json", str(bench_json)]) == 0
+    result = json.loads(bench_json.read_text())
+    assert result["identical"] is True and result["eos_id"] == eot and result["generated_tokens"] == j + 1
+    assert result["repeats"] == 2 and len(result["ar_seconds"]) == len(result["spec_seconds"]) == 2

@@ -74,6 +74,33 @@ def test_greedy_speculative_equals_hf_generate(greedy_parity, hf_model, base_fol
         assert 0 < accepted < drafted  # both the accept and the reject paths
 
 
+def test_eos_stops_where_hf_generate_stops(hf_model, base_folder):
+    """With an eos id greedy decoding reaches (a token of the first prompt's continuation, where it first
+    appears), AR and speculative decoding stop where ``generate(do_sample=False, eos_token_id=...)``
+    does: per row, and in a batch whose rows end at different steps."""
+    from mtp_lightning.decoding import generate_ar, generate_speculative
+
+    model = hf_model(base_folder).eval()
+    lm = model.trunk.lm
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(1, 300, (n,), generator=g).tolist() for n in (5, 8, 3)]
+    first = generate_ar(model, [prompts[0]], 16, verifier="lm_head").tokens[0]
+    j = next(j for j in range(4, 16) if first[j] not in first[:j])
+    eos = first[j]
+    refs = []
+    for p in prompts:
+        ids = torch.tensor([p])
+        refs.append(lm.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=16,
+                                eos_token_id=eos, pad_token_id=eos)[0, len(p):].tolist())
+    assert refs[0] == first[: j + 1]  # transformers stopped at the chosen eos
+    assert len({len(r) for r in refs}) > 1  # rows of the batch end at different steps
+    assert generate_ar(model, prompts, 16, verifier="lm_head", eos_id=eos).tokens == refs
+    for k in range(1, model.n_future):
+        assert generate_speculative(model, prompts, 16, verifier="lm_head", draft_len=k, eos_id=eos).tokens == refs
+        for p, ref in zip(prompts, refs):
+            assert generate_speculative(model, [p], 16, verifier="lm_head", draft_len=k, eos_id=eos).tokens == [ref]
+
+
 # ---- distillation -------------------------------------------------------------------------------------
 
 

@@ -3,11 +3,18 @@
 Both decoders run the same prompts, in the same batches, with the same verifier and a KV cache, under
 ``torch.inference_mode`` with the model in eval mode. A short warm-up run (allocator, kernels, lazy
 init) is excluded from the timings. tokens/s counts generated tokens over the wall time of whole
-calls, prefill included, so the speedup is what a user would see.
+calls, prefill included, so the speedup is what a user would see. Rows stop at ``eos_id`` when one is
+given, in both decoders alike.
+
+Timings on a shared machine drift: the two decoders run side by side, batch by batch, in alternating
+order (``interleaved_order``), and the whole set is repeated ``repeats`` times; the reported rates and
+speedup are medians over the repeats. ``timing_warnings`` says when the repeats disagree, when the
+machine was loaded, or when the speedup exceeds tau, which the same model cannot do.
 """
 
 from __future__ import annotations
 
+import statistics
 
 import torch
 
@@ -24,7 +31,57 @@ def _batches(prompts: list[list[int]], batch_size: int):
         yield left_pad(prompts[i:i + batch_size])
 
 
+SPREAD_LIMIT = 1.25
+"""Slowest over fastest repeat of one decoder beyond which the timings are called unstable."""
+TAU_MARGIN = 1.10
+"""A speedup above tau times this is reported as impossible (timing noise, not speculation)."""
+
+
+def interleaved_order(n_batches: int, repeats: int) -> list[tuple[int, int, str]]:
+    """(repeat, batch, decoder) in the order the benchmark runs them: each batch's AR and speculative
+    runs next to each other, which one goes first alternating from pair to pair, so a slow spell of a
+    busy machine falls on both decoders alike.
+
+    >>> interleaved_order(2, 2)
+    [(0, 0, 'ar'), (0, 0, 'spec'), (0, 1, 'spec'), (0, 1, 'ar'), (1, 0, 'ar'), (1, 0, 'spec'), (1, 1, 'spec'), (1, 1, 'ar')]
+    """
+    order = []
+    for pair in range(n_batches * repeats):
+        first, second = ("ar", "spec") if pair % 2 == 0 else ("spec", "ar")
+        r, b = divmod(pair, n_batches)
+        order += [(r, b, first), (r, b, second)]
+    return order
+
+
+def timing_warnings(ar_seconds: list[float], spec_seconds: list[float], speedup: float, tau: float,
+                    load: float | None, cores: int) -> list[str]:
+    """What makes a benchmark's timings doubtful, one sentence each (empty when nothing does).
+
+    ``ar_seconds``/``spec_seconds``: each repeat's total decoding time; ``load``: the 1-minute load
+    average before the run (None where unknown) on ``cores`` usable cores.
+
+    >>> timing_warnings([2.0, 2.1], [1.0, 1.0], 2.05, 2.9, 0.3, 2)
+    []
+    >>> timing_warnings([2.0, 58.0], [1.0, 1.1], 2.6, 1.18, 3.5, 2)[0]
+    'AR runs took 2.00 to 58.00 s over 2 repeats (29.0x apart): the machine was not steady; rerun on a quiet machine or with more --repeats'
+    """
+    out = []
+    for name, seconds in (("AR", ar_seconds), ("speculative", spec_seconds)):
+        if len(seconds) > 1 and min(seconds) > 0 and max(seconds) / min(seconds) > SPREAD_LIMIT:
+            out.append(f"{name} runs took {min(seconds):.2f} to {max(seconds):.2f} s over {len(seconds)} repeats "
+                       f"({max(seconds) / min(seconds):.1f}x apart): the machine was not steady; rerun on a "
+                       f"quiet machine or with more --repeats")
+    if load is not None and load > cores:
+        out.append(f"the machine was loaded before the run (1-minute load average {load:.2f} on {cores} "
+                   f"cores): other processes share the CPUs, so the timings may not be this model's")
+    if speedup > tau * TAU_MARGIN:
+        out.append(f"speedup {speedup:.2f}x exceeds tau {tau:.2f} (tokens per verification pass), which the "
+                   f"same model cannot do: a pass costs at least one AR step; the timings were disturbed")
+    return out
+
+
 def _ms_per_step(runs) -> float:
+    runs = list(runs)
     return 1e3 * sum(g.seconds - g.prefill_seconds for g in runs) / max(sum(g.steps for g in runs), 1)
 
 
@@ -38,15 +95,16 @@ def _acceptance(metric: SpecAcceptance, prefix: str = "") -> dict:
 
 def run_benchmark(model, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 1,
                   verifier: str = "marginal", draft_len: int = 0, warmup: bool = True, sampled: bool = False,
-                  seed: int = 0, draft_precision: str = "auto") -> dict:
+                  seed: int = 0, draft_precision: str = "auto", eos_id: int | None = None,
+                  repeats: int = 1) -> dict:
     """Decode ``prompts`` with AR and greedy speculative decoding; see the module docstring."""
     if not prompts:
         raise ValueError("run_benchmark needs at least one prompt")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    if batch_size < 1 or repeats < 1:
+        raise ValueError(f"batch_size={batch_size} and repeats={repeats} must be >= 1")
     k = resolve_draft_len(model, draft_len)
     int8 = resolve_draft_precision(draft_precision, next(model.parameters()).device)
-    spec_kw = dict(verifier=verifier, draft_len=k, draft_precision="int8" if int8 else "full")
+    spec_kw = dict(verifier=verifier, draft_len=k, draft_precision="int8" if int8 else "full", eos_id=eos_id)
     was_training = model.training
     model.eval()
     try:
@@ -54,31 +112,48 @@ def run_benchmark(model, prompts: list[list[int]], max_new_tokens: int, batch_si
         # (fastpath) are built once, in the warm-up, as an inference server builds them at load time,
         # instead of in every generation's timed loop; no weight changes inside it
         with torch.inference_mode(), fastpath.decoding():
+            batches = list(_batches(prompts, batch_size))
             if warmup:
-                idx, mask = next(_batches(prompts, batch_size))
-                generate_ar(model, idx, min(8, max_new_tokens), pad_mask=mask, verifier=verifier)
+                idx, mask = batches[0]
+                generate_ar(model, idx, min(8, max_new_tokens), pad_mask=mask, verifier=verifier, eos_id=eos_id)
                 generate_speculative(model, idx, min(8, max_new_tokens), pad_mask=mask, **spec_kw)
-            ar_runs, sp_runs = [], []
+            runs = {}  # (repeat, batch, decoder) -> Generation
+            for r, b, decoder in interleaved_order(len(batches), repeats):
+                idx, mask = batches[b]
+                runs[r, b, decoder] = (
+                    generate_ar(model, idx, max_new_tokens, pad_mask=mask, verifier=verifier, eos_id=eos_id)
+                    if decoder == "ar" else
+                    generate_speculative(model, idx, max_new_tokens, pad_mask=mask, **spec_kw))
+            ar_runs = [[runs[r, b, "ar"] for b in range(len(batches))] for r in range(repeats)]
+            sp_runs = [[runs[r, b, "spec"] for b in range(len(batches))] for r in range(repeats)]
+            ar_s = [sum(g.seconds for g in rep) for rep in ar_runs]  # per repeat
+            sp_s = [sum(g.seconds for g in rep) for rep in sp_runs]
+            ar_tps = [sum(g.n_tokens for g in rep) / s for rep, s in zip(ar_runs, ar_s)]
+            sp_tps = [sum(g.n_tokens for g in rep) / s for rep, s in zip(sp_runs, sp_s)]
+            # greedy decoding is deterministic: every run of every repeat must give the first AR tokens
+            reference = [t for g in ar_runs[0] for t in g.tokens]
+            identical = all([t for g in rep for t in g.tokens] == reference for rep in ar_runs + sp_runs)
             metric = SpecAcceptance(k)
-            for idx, mask in _batches(prompts, batch_size):
-                ar_runs.append(generate_ar(model, idx, max_new_tokens, pad_mask=mask, verifier=verifier))
-                sp_runs.append(generate_speculative(model, idx, max_new_tokens, pad_mask=mask, **spec_kw))
-                metric.update(*sp_runs[-1].step_counts())
-            ar_tps = sum(g.n_tokens for g in ar_runs) / sum(g.seconds for g in ar_runs)
-            sp_tps = sum(g.n_tokens for g in sp_runs) / sum(g.seconds for g in sp_runs)
+            for g in sp_runs[0]:  # one repeat: the others decoded the same tokens in the same steps
+                metric.update(*g.step_counts())
             result = {
                 "n_prompts": len(prompts), "max_new_tokens": max_new_tokens, "batch_size": batch_size,
                 "draft_len": k, "verifier": verifier, "draft_precision": spec_kw["draft_precision"],
-                "ar_tokens_per_s": ar_tps, "spec_tokens_per_s": sp_tps, "speedup": sp_tps / ar_tps,
+                "eos_id": eos_id, "generated_tokens": sum(map(len, reference)),
+                "repeats": repeats, "ar_tokens_per_s": statistics.median(ar_tps),
+                "spec_tokens_per_s": statistics.median(sp_tps),
+                "speedup": statistics.median(s / a for s, a in zip(sp_tps, ar_tps)),
+                "ar_seconds": ar_s, "spec_seconds": sp_s,
                 # the cost of one pass after the prefill, which is what acceptance has to pay for
-                "ar_ms_per_step": _ms_per_step(ar_runs), "spec_ms_per_step": _ms_per_step(sp_runs),
-                "identical": [t for g in ar_runs for t in g.tokens] == [t for g in sp_runs for t in g.tokens],
+                "ar_ms_per_step": _ms_per_step(g for rep in ar_runs for g in rep),
+                "spec_ms_per_step": _ms_per_step(g for rep in sp_runs for g in rep),
+                "identical": identical,
                 **_acceptance(metric),
             }
             if sampled:
                 generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
                 metric = SpecAcceptance(k)
-                for idx, mask in _batches(prompts, batch_size):
+                for idx, mask in batches:
                     sp = generate_speculative(model, idx, max_new_tokens, pad_mask=mask, **spec_kw,
                                               sampling=Sampling(temperature=1.0), generator=generator)
                     metric.update(*sp.step_counts())

@@ -18,8 +18,10 @@ accepted drafts plus the verifier's token of the same pass (m + 1 tokens). That 
 "c plus m drafts" shifted by one token: the same count per step, and no pass is ever spent on a token
 that would be thrown away. Near ``max_new_tokens`` a row may keep only ``R - 1`` drafts (R tokens
 left), so it never overshoots: its step counts ``min(k, R - 1)`` drafted tokens and the output needs
-no truncation. An ``eos_id`` among the kept tokens ends the row; the step then counts only the
-accepted drafts up to the eos.
+no truncation. An ``eos_id`` among the kept tokens ends the row, exactly where AR decoding stops. When
+the eos is an accepted draft, the step counts as the budget's last step does: the drafts before the
+eos are accepted and drafted, the eos itself is the step's final token, so tau counts only emitted
+tokens (m + 1 per step).
 
 Rows accept different lengths: the cache keeps one length per row. A finished row is still fed (its
 tokens masked as padding) and cropped back to empty after every pass, so it costs a little compute
@@ -336,14 +338,17 @@ def generate_speculative(model, prompts, max_new_tokens: int, *, pad_mask: torch
             for b in range(B):
                 if not alive[b]:
                     continue
-                mb = ms[b]
+                mb, kb = ms[b], k_row[b]
                 out = host[b][:mb] + [cs[b]]
                 if eos_id is not None and eos_id in out:
+                    # cut at the eos, as AR decoding stops there; an eos among the drafts ends the step
+                    # as a row's budget does: the drafts before it were all it could keep
                     out = out[: out.index(eos_id) + 1]
-                    mb = min(mb, len(out))
+                    if len(out) <= mb:
+                        mb = kb = len(out) - 1
                     alive[b] = False
                 accepted[b].append(mb)
-                drafted[b].append(k_row[b])
+                drafted[b].append(kb)
                 tokens[b].extend(out)
                 new[b] = out
                 assert len(tokens[b]) <= max_new_tokens

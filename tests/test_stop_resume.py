@@ -1,0 +1,39 @@
+"""A signal stop and its resume: no validation after the signal, and the resumed run validates and logs
+at exactly the steps of an uninterrupted one."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import callbacks.safety as safety
+from mtp_lightning.cli import main
+from tests.conftest import read_tb_scalars as tb_scalars
+from tests.test_fit import CONF
+
+COMMON = ["trainer.progress_bar=false", "trainer.val_check_interval=5", "checkpoint.every_n_steps=6",
+          "trainer.log_every_n_steps=1", "trainer.limit_val_batches=1", "spec.every_n_val=0"]
+
+
+@pytest.mark.slow
+def test_signal_stop_skips_validation_and_resume_keeps_the_schedule(tmp_path, monkeypatch):
+    root = [f"run.root={tmp_path}"]
+    assert main(["fit", "--config", CONF, "run.name=whole", "trainer.max_steps=20", *COMMON, *root]) == 0
+    handler_flag = safety.GracefulStopCallback.on_train_batch_end
+
+    def signal_at_13(self, trainer, *args):
+        if trainer.global_step == 13:  # what the SIGTERM handler does: set the flag
+            self.received = 15
+        return handler_flag(self, trainer, *args)
+
+    monkeypatch.setattr(safety.GracefulStopCallback, "on_train_batch_end", signal_at_13)
+    assert main(["fit", "--config", CONF, "run.name=cut", "trainer.max_steps=20", *COMMON, *root]) == 128 + 15
+    run = tmp_path / "cut"
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 13
+    assert [s for s, _ in tb_scalars(run)["val/loss"]] == [4, 9]  # none at the stop step
+    monkeypatch.setattr(safety.GracefulStopCallback, "on_train_batch_end", handler_flag)
+    assert main(["fit", "--config", CONF, "--resume", "last", "run.name=cut", "trainer.max_steps=20",
+                 *COMMON, *root]) == 0
+    whole, cut = tb_scalars(tmp_path / "whole"), tb_scalars(run)
+    assert [s for s, _ in cut["val/loss"]] == [s for s, _ in whole["val/loss"]]
+    assert [s for s, _ in cut["train/loss"]] == [s for s, _ in whole["train/loss"]]  # no step twice

@@ -225,6 +225,46 @@ def hf_fit_args(folder: Path, root: Path, name: str, *extra: str) -> list[str]:
             *extra]
 
 
+# ---- statistics ----------------------------------------------------------------------------------------
+
+def pooled_chi_square(outcomes: torch.Tensor, probs: torch.Tensor, min_expected: float) -> tuple[float, float]:
+    """Pearson's statistic over bins that each expect >= ``min_expected`` draws (outcomes sorted by
+    probability, the least likely pooled into one bin), and its 0.999 critical value (Wilson-Hilferty)."""
+    import math
+
+    N = outcomes.numel()
+    order = probs.argsort(descending=True)
+    kept = int((probs[order] * N >= min_expected).sum())
+    bin_of = torch.full_like(probs, kept, dtype=torch.long)
+    bin_of[order[:kept]] = torch.arange(kept)
+    expected = torch.cat([probs[order[:kept]], probs[order[kept:]].sum()[None]]) * N  # (kept + 1,)
+    observed = torch.bincount(bin_of[outcomes], minlength=kept + 1).double()
+    stat = float(((observed - expected) ** 2 / expected).sum())
+    df = kept
+    return stat, df * (1 - 2 / (9 * df) + 3.090 * math.sqrt(2 / (9 * df))) ** 3
+
+
+@pytest.fixture(scope="session")
+def chi_square():
+    return pooled_chi_square
+
+
+@pytest.fixture(scope="session")
+def training_texts():
+    return _training_texts
+
+
+@pytest.fixture(scope="session")
+def gguf_writer():
+    """``write(path, vocab=384, seed=0, ...)``: a tiny random Llama (and its BPE tokenizer) as a GGUF file."""
+    from tests.gguf_fixture import write_tiny_llama_gguf
+
+    def write(path: Path, *args, **kwargs) -> Path:
+        return write_tiny_llama_gguf(path, _training_texts(), *args, **kwargs)
+
+    return write
+
+
 @pytest.fixture(scope="session")
 def tiny_hf():
     return build_tiny_hf

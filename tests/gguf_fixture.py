@@ -1,4 +1,5 @@
-"""A tiny random Llama written to a GGUF file with the ``gguf`` package, for offline tests.
+"""A tiny random Llama written to a GGUF file with the ``gguf`` package, for offline tests (through the
+``gguf_writer`` fixture of conftest.py).
 
 The file holds what transformers' GGUF reader needs for ``llama``: the ``llama.*`` hyper-parameters,
 the tensors under llama.cpp's names (``token_embd``, ``blk.N.attn_q``, ...; q and k in llama.cpp's
@@ -15,7 +16,6 @@ import numpy as np
 import torch
 
 from mtp_lightning.data.tokenizer import EOT, Tokenizer
-from tests.test_hf_backbone import training_texts
 
 D, LAYERS, HEADS, KV_HEADS, FFN, CONTEXT = 32, 2, 4, 2, 64, 128
 _CONTROL, _NORMAL = 3, 1  # llama.cpp's token types
@@ -26,9 +26,10 @@ def _rotary_order(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_llama_gguf(path: Path, vocab: int = 384, seed: int = 0, arch: str = "llama",
+def write_tiny_llama_gguf(path: Path, texts: list[str], vocab: int = 384, seed: int = 0, arch: str = "llama",
                           logit_scale: float = 1.0) -> tuple[Path, dict[str, torch.Tensor], Tokenizer]:
-    """Write the file; return it, the model's weights (HF names) and the tokenizer it holds.
+    """Write the file; return it, the model's weights (HF names) and the tokenizer (a BPE trained on
+    ``texts``) it holds.
 
     ``arch`` other than ``llama`` writes the same tensors under another ``general.architecture`` (for
     the unsupported-architecture error). ``logit_scale`` scales the output layer (sharper next-token
@@ -36,7 +37,7 @@ def write_tiny_llama_gguf(path: Path, vocab: int = 384, seed: int = 0, arch: str
     import gguf
     import transformers
 
-    tok = Tokenizer.train_bpe(training_texts(), vocab)
+    tok = Tokenizer.train_bpe(texts, vocab)
     pieces = tok.backend.get_vocab(with_added_tokens=True)
     tokens = [""] * len(pieces)
     for piece, i in pieces.items():

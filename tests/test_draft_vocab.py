@@ -6,7 +6,6 @@ split and saved in the checkpoint."""
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from pathlib import Path
 
@@ -21,15 +20,8 @@ from mtp_lightning.model.draft_vocab import column_of, frequency_ranking
 from mtp_lightning.objectives.cp_loss import cp_objective
 from mtp_lightning.objectives.distill import distill_objective, offset_weights
 
-from tests.test_decoding import assert_greedy_parity
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+CONF = str(Path(__file__).resolve().parent.parent / "conf" / "smoke.yaml")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def draft_model(vocab: int = 50, draft_vocab: int = 16, kind: str = "mlp", rank: int = 3, n_future: int = 4,
@@ -125,17 +117,17 @@ def test_distillation_restricted_to_the_draft_vocabulary_equals_the_reference():
 
 
 @pytest.mark.parametrize("kind,rank", [("mlp", 3), ("linear", 1), ("block", 2)])
-def test_greedy_speculative_with_a_draft_vocabulary_equals_ar(kind, rank):
+def test_greedy_speculative_with_a_draft_vocabulary_equals_ar(kind, rank, greedy_parity):
     model = draft_model(kind=kind, rank=rank)
     prompts = [[1, 2, 3], [7, 8, 9, 10, 11], [4], [30, 31, 2, 40]]
-    accepted, drafted = assert_greedy_parity(model, prompts, 24, verifiers=("lm_head",), draft_lens=[1, 3],
+    accepted, drafted = greedy_parity(model, prompts, 24, verifiers=("lm_head",), draft_lens=[1, 3],
                                              draft_precision="full")
     assert 0 < accepted < drafted
     out = generate_ar(model, prompts, 24, verifier="lm_head").tokens
     flat = [t for row in out for t in row]
     assert any(t % 2 for t in flat) and any(t % 2 == 0 for t in flat)  # tokens outside and inside V'
     if kind == "mlp":  # int8 drafts (auto on the CPU) over the draft vocabulary: the same tokens
-        assert_greedy_parity(model, prompts[:2], 16, verifiers=("lm_head",), draft_lens=[3])
+        greedy_parity(model, prompts[:2], 16, verifiers=("lm_head",), draft_lens=[3])
 
 
 def test_marginal_verifier_is_refused_with_a_draft_vocabulary():
@@ -144,12 +136,12 @@ def test_marginal_verifier_is_refused_with_a_draft_vocabulary():
         generate_speculative(model, [[1, 2]], 4, verifier="marginal")
 
 
-def test_greedy_speculative_with_a_draft_vocabulary_on_a_tiny_hf_model(tmp_path):
+def test_greedy_speculative_with_a_draft_vocabulary_on_a_tiny_hf_model(tmp_path, greedy_parity, tiny_hf,
+                                                                      training_texts):
     pytest.importorskip("transformers")
-    from tests.test_hf_backbone import make_tiny_hf, training_texts
     from mtp_lightning.data.tokenizer import Tokenizer
 
-    folder = make_tiny_hf(tmp_path / "llama", "llama")
+    folder = tiny_hf(tmp_path / "llama", "llama")
     cfg = ModelConfig(backbone=BackboneConfig(kind="hf", name_or_path=str(folder)),
                       heads=HeadsConfig(n_future=4, rank=2, kind="mlp", draft_vocab=64))
     model = CPModel(cfg).eval()
@@ -159,7 +151,7 @@ def test_greedy_speculative_with_a_draft_vocabulary_on_a_tiny_hf_model(tmp_path)
     with torch.no_grad():
         model.heads.draft_ids.copy_(frequency_ranking(counts, 64))
     prompts = [tok.encode("def main(argv):\n    "), tok.encode("import os\n"), tok.encode("class A:")]
-    accepted, drafted = assert_greedy_parity(model, prompts, 20, verifiers=("lm_head",), draft_lens=[3],
+    accepted, drafted = greedy_parity(model, prompts, 20, verifiers=("lm_head",), draft_lens=[3],
                                              draft_precision="full")
     assert drafted > 0
 
@@ -244,12 +236,11 @@ def test_the_chi_square_catches_a_wrong_acceptance_rule(monkeypatch):
     assert chi_square_p(seen, verifier_pairs(model, prompt), n) < 1e-6
 
 
-def test_fit_sets_the_ranking_from_the_training_split_and_saves_it(tmp_path):
+def test_fit_sets_the_ranking_from_the_training_split_and_saves_it(tmp_path, tb_scalars):
     from mtp_lightning.checkpoints.io import load_for_inference
     from mtp_lightning.cli import main
     from mtp_lightning.config import load_config
     from mtp_lightning.training.train import build_data_and_module
-    from tests.test_fit import CONF, tb_scalars
 
     args = [f"run.root={tmp_path}", "run.name=dv", "trainer.progress_bar=false", "trainer.max_steps=4",
             "trainer.val_check_interval=4", "checkpoint.every_n_steps=4", "trainer.log_every_n_steps=2",
@@ -274,7 +265,6 @@ def test_config_refuses_the_marginal_verifier_and_a_too_large_draft_vocabulary(t
     from mtp_lightning.config import load_config
     from mtp_lightning.errors import UserError
     from mtp_lightning.training.train import build_data_and_module
-    from tests.test_fit import CONF
 
     with pytest.raises(UserError, match="spec.verifier=marginal verifies with the heads' own offset-1"):
         load_config([CONF], ["model.heads.draft_vocab=64"])
@@ -285,14 +275,12 @@ def test_config_refuses_the_marginal_verifier_and_a_too_large_draft_vocabulary(t
         build_data_and_module(cfg)
 
 
-def test_heads_only_fit_with_distillation_over_a_draft_vocabulary(tmp_path):
+def test_heads_only_fit_with_distillation_over_a_draft_vocabulary(tmp_path, tb_scalars, tiny_hf, fit_args):
     pytest.importorskip("transformers")
     from mtp_lightning.checkpoints.io import load_for_inference
     from mtp_lightning.cli import main
-    from tests.test_fit import tb_scalars
-    from tests.test_hf_backbone import fit_args, make_tiny_hf
 
-    folder = make_tiny_hf(tmp_path / "gpt2", "gpt2")
+    folder = tiny_hf(tmp_path / "gpt2", "gpt2")
     assert main(fit_args(folder, tmp_path, "dv", "model.heads.draft_vocab=96", "model.loss.distill_weight=1.0",
                          "trainer.max_steps=3")) == 0
     tags = tb_scalars(tmp_path / "dv")

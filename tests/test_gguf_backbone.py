@@ -20,22 +20,16 @@ from mtp_lightning.config import BackboneConfig, HeadsConfig, ModelConfig  # noq
 from mtp_lightning.errors import UserError  # noqa: E402
 from mtp_lightning.model import gguf_backbone  # noqa: E402
 from mtp_lightning.model.cp_model import CPModel  # noqa: E402
-from tests.gguf_fixture import write_tiny_llama_gguf  # noqa: E402
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf" / "finetune_code.yaml")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return write_tiny_llama_gguf(tmp_path_factory.mktemp("gguf") / "tiny-llama.F32.gguf")
+def tiny(tmp_path_factory, gguf_writer):
+    return gguf_writer(tmp_path_factory.mktemp("gguf") / "tiny-llama.F32.gguf")
 
 
 def gguf_model(path, n_future: int = 4, rank: int = 3) -> CPModel:
@@ -93,7 +87,7 @@ def fit_args(path, root: Path, name: str, *extra: str) -> list[str]:
             "spec.n_prompts=1", "spec.prompt_len=8", "spec.max_new_tokens=6", "optim.warmup_steps=1", *extra]
 
 
-def test_heads_only_checkpoint_refers_to_the_file(tiny, tmp_path):
+def test_heads_only_checkpoint_refers_to_the_file(tiny, tmp_path, gguf_writer):
     from mtp_lightning.checkpoints.io import META_KEY, load_for_inference, safe_load
 
     path, weights, tok = tiny
@@ -108,7 +102,7 @@ def test_heads_only_checkpoint_refers_to_the_file(tiny, tmp_path):
     assert loaded_tok.fingerprint() == gguf_backbone.load_gguf_tokenizer(str(path)).fingerprint()
     assert base["fingerprint"] == model.trunk.fingerprint()
     # a different file under the same name is refused by its fingerprint
-    write_tiny_llama_gguf(path.parent / "other.gguf", seed=1)
+    gguf_writer(path.parent / "other.gguf", seed=1)
     ckpt[META_KEY]["config"]["model"]["backbone"]["name_or_path"] = str(path.parent / "other.gguf")
     torch.save(ckpt, tmp_path / "moved.ckpt")
     with pytest.raises(UserError, match=r"differ from that model's \(trained on file"):
@@ -127,7 +121,7 @@ def _truncated(tiny, tmp_path, keep: float) -> Path:
 
 @pytest.mark.parametrize("case", ["missing", "not_gguf", "cut_tensors", "cut_header", "architecture",
                                   "wheel_missing"])
-def test_bad_files_are_one_clear_line(case, tiny, tmp_path):
+def test_bad_files_are_one_clear_line(case, tiny, tmp_path, gguf_writer):
     if case == "missing":
         name, match = str(tmp_path / "nope.gguf"), r"GGUF file '.*nope.gguf' not found"
     elif case == "not_gguf":
@@ -138,7 +132,7 @@ def test_bad_files_are_one_clear_line(case, tiny, tmp_path):
     elif case == "cut_header":
         name, match = str(_truncated(tiny, tmp_path, 0.01)), r"is a truncated or corrupt GGUF file"
     elif case == "architecture":
-        name = str(write_tiny_llama_gguf(tmp_path / "bert.gguf", arch="bert")[0])
+        name = str(gguf_writer(tmp_path / "bert.gguf", arch="bert")[0])
         match = r"cannot read architecture 'bert' from GGUF"
     else:
         name, match = "wheel:no_such_package_17", r"the Python package 'no_such_package_17' is not installed"
@@ -190,24 +184,7 @@ def exact_two_token_distribution(model, prompt: list[int]) -> torch.Tensor:
     return (logp[0, P - 1][:, None] + logp[:, P]).exp().flatten()  # (V * V,)
 
 
-def pooled_chi_square(outcomes: torch.Tensor, probs: torch.Tensor, min_expected: float) -> tuple[float, float]:
-    """Pearson's statistic over bins that each expect >= ``min_expected`` draws (outcomes sorted by
-    probability, the least likely pooled into one bin), and its 0.999 critical value (Wilson-Hilferty)."""
-    import math
-
-    N = outcomes.numel()
-    order = probs.argsort(descending=True)
-    kept = int((probs[order] * N >= min_expected).sum())
-    bin_of = torch.full_like(probs, kept, dtype=torch.long)
-    bin_of[order[:kept]] = torch.arange(kept)
-    expected = torch.cat([probs[order[:kept]], probs[order[kept:]].sum()[None]]) * N  # (kept + 1,)
-    observed = torch.bincount(bin_of[outcomes], minlength=kept + 1).double()
-    stat = float(((observed - expected) ** 2 / expected).sum())
-    df = kept
-    return stat, df * (1 - 2 / (9 * df) + 3.090 * math.sqrt(2 / (9 * df))) ** 3
-
-
-def test_sampled_speculative_has_the_base_distribution(tmp_path, monkeypatch):
+def test_sampled_speculative_has_the_base_distribution(tmp_path, monkeypatch, gguf_writer, chi_square):
     """Temperature 1, no top-p: the first two tokens of 10,000 speculative draws (the second is a draft,
     accepted or replaced from the residual) follow the base model's exact joint distribution.
 
@@ -218,7 +195,7 @@ def test_sampled_speculative_has_the_base_distribution(tmp_path, monkeypatch):
     from mtp_lightning.decoding import Sampling, generate_speculative
     from mtp_lightning.decoding import speculative
 
-    path = write_tiny_llama_gguf(tmp_path / "sharp.gguf", logit_scale=40.0)[0]
+    path = gguf_writer(tmp_path / "sharp.gguf", logit_scale=40.0)[0]
     model = gguf_model(path, n_future=3, rank=2)
     probs = exact_two_token_distribution(model, SAMPLE_PROMPT)
     V = model.unembedding.shape[0]
@@ -230,7 +207,7 @@ def test_sampled_speculative_has_the_base_distribution(tmp_path, monkeypatch):
         return torch.tensor([t[0] * V + t[1] for t in gen.tokens])
 
     min_expected = 0.01 * DRAWS
-    stat, crit = pooled_chi_square(draws(), probs, min_expected)
+    stat, crit = chi_square(draws(), probs, min_expected)
     assert stat < crit, f"speculative sampling is off the base distribution: chi2={stat:.1f} > {crit:.1f}"
     top = probs.argsort(descending=True)[:2]
     off = probs.clone()
@@ -238,10 +215,10 @@ def test_sampled_speculative_has_the_base_distribution(tmp_path, monkeypatch):
     off[top[1]] += 0.02
     assert abs(0.5 * float((off - probs).abs().sum()) - 0.02) < 1e-6
     wrong = torch.multinomial(off, DRAWS, replacement=True, generator=torch.Generator().manual_seed(1))
-    stat, crit = pooled_chi_square(wrong, probs, min_expected)
+    stat, crit = chi_square(wrong, probs, min_expected)
     assert stat > crit, f"a 2% total-variation error went unnoticed: chi2={stat:.1f} <= {crit:.1f}"
     monkeypatch.setattr(speculative, "acceptance_prob", lambda p, q: torch.ones_like(p))
-    stat, crit = pooled_chi_square(draws(), probs, min_expected)
+    stat, crit = chi_square(draws(), probs, min_expected)
     assert stat > crit, f"a wrong acceptance rule went unnoticed: chi2={stat:.1f} <= {crit:.1f}"
 
 

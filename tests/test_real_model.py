@@ -79,12 +79,11 @@ def test_greedy_speculative_equals_transformers_generate(smollm2):
         assert batch.tokens == refs[i:i + 4], f"batch of prompts {i}..{i + 3}"
 
 
-def test_sampled_speculative_follows_the_model(smollm2):
+def test_sampled_speculative_follows_the_model(smollm2, chi_square):
     """Temperature 1, no top-p: the first two tokens of 400 speculative draws (the second one drafted)
     against SmolLM2's exact joint over the likeliest first tokens (a reduced check: 400 draws catch a
     large error; the 2% total-variation check runs on the tiny GGUF Llama in test_gguf_backbone.py)."""
     from mtp_lightning.decoding import Sampling, generate_speculative
-    from tests.test_gguf_backbone import pooled_chi_square
 
     model, tok = smollm2
     prompt = tok.encode("def fibonacci(n):\n    ")
@@ -107,5 +106,5 @@ def test_sampled_speculative_follows_the_model(smollm2):
                                    sampling=Sampling(1.0), generator=g)
         for y1, y2, _ in gen.tokens:
             outcomes.append(int(slot[y1]) * V + y2 if slot[y1] >= 0 else 8 * V)
-    stat, crit = pooled_chi_square(torch.tensor(outcomes), joint, 0.05 * len(outcomes))
+    stat, crit = chi_square(torch.tensor(outcomes), joint, 0.05 * len(outcomes))
     assert stat < crit, f"sampled speculative decoding is off SmolLM2's distribution: chi2={stat:.1f} > {crit:.1f}"

@@ -8,15 +8,15 @@ import torch
 
 import callbacks.safety as safety
 from mtp_lightning.cli import main
-from tests.conftest import read_tb_scalars as tb_scalars
-from tests.test_fit import CONF
+
+CONF = str(Path(__file__).resolve().parent.parent / "conf" / "smoke.yaml")
 
 COMMON = ["trainer.progress_bar=false", "trainer.val_check_interval=5", "checkpoint.every_n_steps=6",
           "trainer.log_every_n_steps=1", "trainer.limit_val_batches=1", "spec.every_n_val=0"]
 
 
 @pytest.mark.slow
-def test_signal_stop_skips_validation_and_resume_keeps_the_schedule(tmp_path, monkeypatch):
+def test_signal_stop_skips_validation_and_resume_keeps_the_schedule(tmp_path, monkeypatch, tb_scalars):
     root = [f"run.root={tmp_path}"]
     assert main(["fit", "--config", CONF, "run.name=whole", "trainer.max_steps=20", *COMMON, *root]) == 0
     handler_flag = safety.GracefulStopCallback.on_train_batch_end

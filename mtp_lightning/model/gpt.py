@@ -14,6 +14,7 @@ Shape legend: B batch, T new tokens, S cache slots, D model width, H heads, K he
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -21,6 +22,15 @@ import torch.nn.functional as F
 
 from mtp_lightning.config import GPTConfig
 from mtp_lightning.model.fastpath import Linear
+
+
+class TreeMask(NamedTuple):
+    """How the T tokens of one tree-verification pass see each other (``decoding/tree.py``)."""
+
+    ancestors: torch.Tensor
+    """(T, T) bool: token i attends to new token j iff j is i or one of its ancestors."""
+    depth: torch.Tensor
+    """(T,) long: token i's position is the first new token's plus depth[i]."""
 
 
 class KVCache:
@@ -44,8 +54,10 @@ class KVCache:
         self.mask: torch.Tensor | None = None  # (B, 1, T, S') attention mask over the used slots
         self.used = 0  # S': slots any row uses after this pass
 
-    def prepare(self, pad_mask: torch.Tensor) -> torch.Tensor:
-        """Reserve slots for T new tokens per row; return their positions (B, T) for the embeddings."""
+    def prepare(self, pad_mask: torch.Tensor, tree: TreeMask | None = None) -> torch.Tensor:
+        """Reserve slots for T new tokens per row; return their positions (B, T) for the embeddings.
+        ``tree`` (tree verification, one row): the new tokens see the cached prefix and their own
+        ancestors instead of every earlier new token, and sit at their depth after the first one."""
         B, T = pad_mask.shape
         slots = self.lengths[:, None] + torch.arange(T, device=pad_mask.device)  # (B, T)
         if int(slots.max()) >= self.max_len:
@@ -59,8 +71,22 @@ class KVCache:
         causal = key_idx[None, None, :] <= slots[:, :, None]  # (B, T, S')
         # a padding query may see no real key; letting every query see itself keeps softmax finite
         mask = (causal & valid[:, None, :]) | (key_idx[None, None, :] == slots[:, :, None])
+        if tree is not None:
+            assert B == 1, "a tree pass verifies one row"
+            first = int(slots[0, 0])
+            mask[0, :, first:first + T] = tree.ancestors
+            positions = positions[:, :1] + tree.depth[None]  # (1, T)
         self.slots, self.mask = slots, mask[:, None]  # (B, 1, T, S')
         return positions
+
+    def keep(self, first: int, slots: torch.Tensor) -> None:
+        """One row: move the slots ``slots`` (n,), ascending and >= first, to first..first+n-1 and
+        drop everything after them (a tree pass keeps its accepted path only)."""
+        n = slots.numel()
+        self.k[:, :, :, first:first + n] = self.k[:, :, :, slots]
+        self.v[:, :, :, first:first + n] = self.v[:, :, :, slots]
+        self.valid[:, first:first + n] = self.valid[:, slots]
+        self.lengths = torch.full_like(self.lengths, first + n)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this pass's keys/values (B, H, T, K) and return all used slots (B, H, S', K)."""
@@ -168,7 +194,7 @@ class GPT(nn.Module):
                        p.device, dtype or p.dtype)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None,
-                pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+                pad_mask: torch.Tensor | None = None, tree: TreeMask | None = None) -> torch.Tensor:
         B, T = idx.shape
         if cache is None:
             if T > self.cfg.max_seq_len:
@@ -176,7 +202,7 @@ class GPT(nn.Module):
             pos = torch.arange(T, device=idx.device)[None]  # (1, T)
         else:
             pad_mask = torch.ones_like(idx, dtype=torch.bool) if pad_mask is None else pad_mask
-            pos = cache.prepare(pad_mask)  # (B, T)
+            pos = cache.prepare(pad_mask, tree)  # (B, T)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, D)
         for block in self.blocks:
             x = block(x, cache)

@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from mtp_lightning.config import BackboneConfig, GPTConfig
 from mtp_lightning.errors import UserError
-from mtp_lightning.model.gpt import KVCache
+from mtp_lightning.model.gpt import KVCache, TreeMask
 
 INSTALL_HINT = "model.backbone.kind=hf needs transformers: pip install 'mtp_lightning[hf]'"
 
@@ -123,8 +123,13 @@ class HFCache:
         """(B,) slots each row holds, padding included (as ``KVCache.lengths``)."""
         return self.owned.sum(1)
 
-    def prepare(self, pad_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append T slots per row; return the 2-D attention mask (B, P+T) and positions (B, T)."""
+    def prepare(self, pad_mask: torch.Tensor, tree: TreeMask | None = None, dtype: torch.dtype = torch.float32
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append T slots per row; return the 2-D attention mask (B, P+T) and positions (B, T).
+
+        ``tree`` (one row): a 4-D additive mask (1, 1, T, P+T) in ``dtype`` instead, in which the new
+        tokens see the owned slots and their own ancestors, and positions by depth. transformers takes
+        a 4-D mask as given, for every attention implementation that takes a mask."""
         B, T = pad_mask.shape
         if int(self.lengths.max()) + T > self.max_len:
             raise ValueError(f"KV cache of {self.max_len} slots is full")
@@ -133,8 +138,25 @@ class HFCache:
         attend = self.owned & self.real  # (B, P+T)
         positions = (attend.long().cumsum(1) - 1).clamp(min=0)[:, -T:]  # (B, T)
         if self.heads is not None:
-            self.heads.prepare(pad_mask)
-        return attend.long(), positions
+            self.heads.prepare(pad_mask, tree)
+        if tree is None:
+            return attend.long(), positions
+        assert B == 1, "a tree pass verifies one row"
+        see = torch.cat([attend[:, None, :-T].expand(B, T, -1), tree.ancestors[None]], 2)  # (1, T, P+T)
+        mask = torch.zeros(see.shape, dtype=dtype, device=see.device).masked_fill_(~see, torch.finfo(dtype).min)
+        return mask[:, None], positions[:, :1] + tree.depth[None]  # (1, 1, T, P+T), (1, T)
+
+    def keep(self, first: int, slots: torch.Tensor) -> None:
+        """One row: move the slots ``slots`` (n,), ascending and >= first, to first..first+n-1 and
+        drop everything after them (``KVCache.keep``). Layers that hold every slot (``DynamicLayer``)."""
+        n = slots.numel()
+        for layer in self.kv.layers:
+            layer.keys[..., first:first + n, :] = layer.keys[..., slots, :]
+            layer.values[..., first:first + n, :] = layer.values[..., slots, :]
+        self.real[:, first:first + n] = self.real[:, slots]
+        if self.heads is not None:
+            self.heads.keep(first, slots)
+        self.crop(torch.full_like(self.lengths, first + n))
 
     def advance(self, n_new: int) -> None:
         if self.heads is not None:
@@ -270,7 +292,7 @@ class HFTrunk(nn.Module):
         return HFCache(kv, batch, max_len, p.device, heads)
 
     def forward(self, idx: torch.Tensor, cache: HFCache | None = None,
-                pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+                pad_mask: torch.Tensor | None = None, tree: TreeMask | None = None) -> torch.Tensor:
         B, T = idx.shape
         if cache is None:
             if T > self.max_seq_len:
@@ -280,7 +302,8 @@ class HFTrunk(nn.Module):
             out = self.base(input_ids=idx, attention_mask=torch.ones_like(idx), use_cache=False)
             return out.last_hidden_state  # (B, T, D)
         pad_mask = torch.ones_like(idx, dtype=torch.bool) if pad_mask is None else pad_mask
-        attention_mask, positions = cache.prepare(pad_mask)  # (B, P+T), (B, T)
+        # (B, P+T), or for a tree (1, 1, T, P+T); positions (B, T)
+        attention_mask, positions = cache.prepare(pad_mask, tree, self.unembedding.dtype)
         out = self.base(input_ids=idx, attention_mask=attention_mask, position_ids=positions,
                         use_cache=True, **{self._cache_kw: cache.kv})
         return out.last_hidden_state  # (B, T, D)

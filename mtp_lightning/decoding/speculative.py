@@ -54,6 +54,7 @@ from typing import Callable
 
 import torch
 
+from mtp_lightning.config import TreeConfig
 from mtp_lightning.decoding.autoregressive import Generation, prefill, prepare_prompts, sync
 from mtp_lightning.decoding.sampling import (GREEDY, Sampling, acceptance_prob, residual_logprobs, sample,
                                              warp_logprobs)
@@ -263,7 +264,8 @@ def generate_speculative(model, prompts, max_new_tokens: int, *, pad_mask: torch
                          draft_precision: str = "auto",
                          generator: torch.Generator | None = None, eos_id: int | None = None,
                          on_step: Callable[[list[list[int]]], None] | None = None,
-                         sync_done: Callable[[bool], bool] | None = None) -> SpecGeneration:
+                         sync_done: Callable[[bool], bool] | None = None,
+                         tree: TreeConfig | None = None) -> SpecGeneration:
     """Decode up to ``max_new_tokens`` per row, drafting ``draft_len`` tokens per verification pass.
 
     ``on_step(new_tokens)`` gets the new ids per row ([] for finished rows) after the prefill and after
@@ -271,7 +273,14 @@ def generate_speculative(model, prompts, max_new_tokens: int, *, pad_mask: torch
     ``sync_done(local_done) -> all_done`` makes ranks agree on when to stop: with it every step drafts
     the full draft_len, so every rank runs the same passes with the same shapes until all are done.
     ``draft_precision``: ``auto``, ``full`` or ``int8`` (``resolve_draft_precision``).
+    ``tree`` with ``enabled``: verify a tree of candidates per step instead (``tree.generate_tree``).
     """
+    if tree is not None and tree.enabled:
+        from mtp_lightning.decoding.tree import generate_tree
+
+        return generate_tree(model, prompts, max_new_tokens, tree, pad_mask=pad_mask, verifier=verifier,
+                             draft_len=draft_len, sampling=sampling, draft_precision=draft_precision,
+                             generator=generator, eos_id=eos_id, on_step=on_step, sync_done=sync_done)
     k = resolve_draft_len(model, draft_len)
     B = prompts.shape[0] if isinstance(prompts, torch.Tensor) else len(prompts)
     # rows near their end feed (masked) drafts they cannot keep, which needs k spare slots

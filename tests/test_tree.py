@@ -13,15 +13,9 @@ from mtp_lightning.config import TreeConfig, load_config
 from mtp_lightning.decoding import generate_ar, generate_speculative
 from mtp_lightning.decoding.tree import DraftTree, build_tree, generate_tree, tree_summary
 from mtp_lightning.errors import UserError
-from tests.test_decoding import ALWAYS, NEVER, PARTLY, StubModel, chain, tiny_model
+from tests.test_decoding import ALWAYS, NEVER, PARTLY, StubModel, chain
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def soft(peaks: list[int], V: int = 4, high: float = 0.7) -> torch.Tensor:
@@ -199,17 +193,17 @@ TREES = [TreeConfig(enabled=True), TreeConfig(enabled=True, width=3, experts=3, 
 
 
 @pytest.mark.parametrize("kind", ["mlp", "block"])
-def test_gpt_tree_pass_and_parity(kind):
-    model = tiny_model(kind, 3)
+def test_gpt_tree_pass_and_parity(decoding_model, kind):
+    model = decoding_model(kind, 3)
     assert_tree_pass_equals_chains(model, [1, 2, 3, 4], [5, 6, 7, 8, 9], [0, 1, 0, 3, 1])
     accepted, drafted = assert_tree_parity(model, [[1, 2, 3, 4, 5], [7, 8]], 20, TREES)
     assert 0 < accepted < drafted
 
 
-def test_gpt_tree_accepts_at_least_the_chain():
+def test_gpt_tree_accepts_at_least_the_chain(decoding_model):
     """The tree holds the chain decoder's draft, so it never accepts less in a step from the same state;
     over whole decodes on this model it accepts more."""
-    model = tiny_model("mlp", 3)
+    model = decoding_model("mlp", 3)
     chain_acc = tree_acc = 0
     for p in ([1, 2, 3, 4, 5], [7, 8], [9, 3, 1], [20, 21, 22]):
         chain_acc += sum(generate_speculative(model, [p], 30, draft_precision="full").accepted[0])
@@ -218,15 +212,8 @@ def test_gpt_tree_accepts_at_least_the_chain():
     assert tree_acc > chain_acc
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
-def hf(request, tmp_path_factory):
-    pytest.importorskip("transformers")
-    from tests.test_hf_backbone import hf_model, make_tiny_hf
-
-    return hf_model(make_tiny_hf(tmp_path_factory.mktemp(request.param), request.param)).eval()
-
-
-def test_hf_tree_pass_and_parity(hf):
+def test_hf_tree_pass_and_parity(hf_model, base_folder):
+    hf = hf_model(base_folder).eval()
     assert_tree_pass_equals_chains(hf, [11, 12, 13, 14], [15, 16, 17, 18, 19], [0, 1, 0, 3, 1])
     accepted, drafted = assert_tree_parity(hf, [[30, 31, 32, 33], [40, 41]], 16, TREES[:2])
     assert drafted > 0 and accepted >= 0

@@ -6,7 +6,9 @@ What is particular about it:
 - Embeddings are tied: ``wte.weight`` is the unembedding U shared by every (offset, expert) factor.
 - Attention goes through ``scaled_dot_product_attention``. Training uses its causal fast path; decoding
   passes a ``KVCache`` whose rows may hold different lengths, so a batch of speculative decodes can
-  accept different numbers of tokens per row and prompts can be left-padded.
+  accept different numbers of tokens per row and prompts can be left-padded. A one-row pass may carry
+  a ``TreeMask`` (tree verification, ``decoding/tree.py``): each new token then sees only its ancestors
+  among the new tokens and takes its depth as its position; ``KVCache.keep`` keeps the accepted path.
 
 Shape legend: B batch, T new tokens, S cache slots, D model width, H heads, K head width, V vocabulary.
 """

@@ -9,6 +9,9 @@ with real greedy speculative decoding (and sampled decoding with a fixed seed wh
 ``spec/tf_mean_acceptance_length`` / ``spec/tf_acceptance_rate`` on the first validation batch.
 With ``stop_at_eos`` a prompt's decoding ends at the datamodule tokenizer's end-of-text token, as
 ``generate`` and ``bench`` end theirs.
+With ``spec.tree.enabled`` the greedy measurement verifies trees (``decoding/tree.py``), one prompt at a
+time, and also logs ``spec/tree_mean_size`` and a TensorBoard histogram ``spec/tree_winner`` of which
+candidate won each step (-1 none, 0 the mixture chain, 1 + a expert a's chain, r + 1 a top-k branch).
 
 Distributed runs: every rank decodes the same prompts (the counts are summed across ranks, which
 leaves the rates unchanged). Speculative steps can still differ between ranks (kernels are not
@@ -29,17 +32,19 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from mtp_lightning.config import SpecConfig
+from mtp_lightning.config import SpecConfig, TreeConfig
 from mtp_lightning.decoding.metrics import SpecAcceptance
 from mtp_lightning.decoding.sampling import Sampling
 from mtp_lightning.decoding.speculative import generate_speculative, resolve_draft_len
 from mtp_lightning.decoding.teacher_forced import teacher_forced_acceptance
+from mtp_lightning.decoding.tree import tree_depth, tree_summary
 
 
 class SpecAcceptanceCallback(pl.Callback):
     def __init__(self, every_n_val: int = 1, n_prompts: int = 4, prompt_len: int = 64, max_new_tokens: int = 64,
                  draft_len: int = 0, sampled: bool = False, verifier: str = "marginal", seed: int = 0,
-                 draft_precision: str = "auto", stop_at_eos: bool = True):
+                 draft_precision: str = "auto", stop_at_eos: bool = True,
+                 tree: TreeConfig | None = None):
         if every_n_val < 0 or n_prompts < 1 or prompt_len < 1 or max_new_tokens < 1:
             raise ValueError(f"SpecAcceptanceCallback needs every_n_val >= 0 and n_prompts, prompt_len, "
                              f"max_new_tokens >= 1; got {every_n_val}, {n_prompts}, {prompt_len}, "
@@ -48,6 +53,7 @@ class SpecAcceptanceCallback(pl.Callback):
         self.max_new_tokens, self.draft_len, self.sampled = max_new_tokens, draft_len, sampled
         self.verifier, self.seed, self.draft_precision = verifier, seed, draft_precision
         self.stop_at_eos = stop_at_eos
+        self.tree = tree if tree is not None and tree.enabled else None
         self._validations = 0  # real (not sanity) validations seen; saved in checkpoints
         self._windows: torch.Tensor | None = None
         self._warned: set[str] = set()
@@ -56,7 +62,8 @@ class SpecAcceptanceCallback(pl.Callback):
     def from_config(cls, spec: SpecConfig) -> "SpecAcceptanceCallback":
         return cls(every_n_val=spec.every_n_val, n_prompts=spec.n_prompts, prompt_len=spec.prompt_len,
                    max_new_tokens=spec.max_new_tokens, draft_len=spec.draft_len, sampled=spec.sampled,
-                   verifier=spec.verifier, draft_precision=spec.draft_precision, stop_at_eos=spec.stop_at_eos)
+                   verifier=spec.verifier, draft_precision=spec.draft_precision, stop_at_eos=spec.stop_at_eos,
+                   tree=spec.tree)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -68,7 +75,7 @@ class SpecAcceptanceCallback(pl.Callback):
         model = getattr(pl_module, "model", None)
         if model is None or self.every_n_val == 0:
             return
-        k = resolve_draft_len(model, self.draft_len)
+        k = resolve_draft_len(model, self.draft_len) if self.tree is None else self.tree.budget
         # prompts are one batch of equal length; a batch keeps draft_len spare cache slots
         need = self.prompt_len + self.max_new_tokens - 1 + k
         if need > model.max_seq_len:
@@ -140,14 +147,35 @@ class SpecAcceptanceCallback(pl.Callback):
             runs.append(("spec/sampled_", gen))
         out: dict[str, torch.Tensor] = {}
         histograms: dict[str, torch.Tensor] = {}
+        tree = self.tree
+        if tree is not None and sync_done is not None:
+            self._warn_once("tree", "SpecAcceptanceCallback: spec.tree runs on one process; with "
+                            f"{trainer.world_size} ranks the greedy measurement verifies chains")
+            tree = None
         for prefix, gen in runs:
-            metric = SpecAcceptance(k).to(device)
             sampling = Sampling(1.0) if gen is not None else Sampling()
-            with torch.inference_mode():
-                result = generate_speculative(model, prompts, self.max_new_tokens, verifier=self.verifier,
-                                              draft_len=k, sampling=sampling, generator=gen, sync_done=sync_done,
-                                              draft_precision=self.draft_precision, eos_id=eos_id)
-            metric.update(*result.step_counts())
+            if gen is None and tree is not None:
+                # trees decode one row at a time; the tree's depth is its draft length
+                kt = tree_depth(model, k, tree)
+                metric = SpecAcceptance(kt).to(device)
+                with torch.inference_mode():
+                    rows = [generate_speculative(model, p[None], self.max_new_tokens, verifier=self.verifier,
+                                                 draft_len=kt, draft_precision=self.draft_precision, eos_id=eos_id,
+                                                 tree=tree)
+                            for p in prompts]
+                for result in rows:
+                    metric.update(*result.step_counts())
+                summary = tree_summary(rows)
+                out["spec/tree_mean_size"] = torch.tensor(summary["mean_size"])
+                histograms["spec/tree_winner"] = torch.tensor(list(summary["winners"].values()))
+            else:
+                metric = SpecAcceptance(k).to(device)
+                with torch.inference_mode():
+                    result = generate_speculative(model, prompts, self.max_new_tokens, verifier=self.verifier,
+                                                  draft_len=k, sampling=sampling, generator=gen,
+                                                  sync_done=sync_done, draft_precision=self.draft_precision,
+                                                  eos_id=eos_id)
+                metric.update(*result.step_counts())
             stats = metric.summary()  # sums across ranks
             out[f"{prefix}acceptance_rate"] = stats["acceptance_rate"]
             out[f"{prefix}mean_acceptance_length"] = stats["mean_acceptance_length"]
@@ -171,6 +199,12 @@ class SpecAcceptanceCallback(pl.Callback):
             for prefix, hist in histograms.items():
                 if int(hist.sum()) == 0:
                     continue
+                if prefix == "spec/tree_winner":  # -1: no draft accepted, 0: the mixture chain, 1 + a: expert a's, r + 1: top-k
+                    ids = torch.arange(-1, hist.numel() - 1)
+                    logger.experiment.add_histogram(prefix, torch.repeat_interleave(ids, hist.cpu()).float(),
+                                                    trainer.global_step, bins=np.arange(-1, hist.numel()) - 0.5)
+                    continue
+                k = hist.numel() - 1  # a tree's depth may differ from the chain's draft length
                 values = torch.repeat_interleave(torch.arange(k + 1), hist.cpu()).float()  # one value per step
                 logger.experiment.add_histogram(f"{prefix}accepted_per_step", values, trainer.global_step,
                                                 bins=np.arange(k + 2) - 0.5)

@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         _common(p)
         p.add_argument("--ckpt", metavar="PATH", help="checkpoint (default: run.name's last)")
 
+    from mtp_lightning import decode_cli
+
     p = sub.add_parser("generate", help="decode from a prompt, autoregressively or speculatively")
     p.add_argument("--ckpt", required=True, metavar="PATH")
     p.add_argument("--prompt", required=True)
@@ -60,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true",
                    help="decode all --max-new-tokens instead of stopping at the tokenizer's end-of-sequence token")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    decode_cli.add_tree_arguments(p)
     p.add_argument("--debug", action="store_true")
 
     p = sub.add_parser("bench", help="AR vs speculative decoding of the same prompts, side by side")
@@ -83,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3,
                    help="run the AR and speculative decodes this many times, interleaved; report the medians")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON here (and a PNG beside it)")
+    decode_cli.add_tree_arguments(p)
     p.add_argument("--debug", action="store_true")
 
     p = sub.add_parser("sweep", help="one run per grid point (e.g. rank), each measured, and a report")

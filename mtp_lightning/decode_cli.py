@@ -43,10 +43,37 @@ def _draft_precision(args) -> str:
     return args.draft_precision
 
 
+def add_tree_arguments(p) -> None:
+    """``--tree`` and its fields (``spec.tree``); a field not given keeps the checkpoint's value."""
+    p.add_argument("--tree", action="store_true",
+                   help="verify a tree of candidates per step (greedy, one row at a time) instead of one chain")
+    p.add_argument("--tree-width", type=int, default=None, metavar="N", help="top-k tokens tried per offset")
+    p.add_argument("--tree-experts", type=int, default=None, metavar="N", help="experts whose own chains join")
+    p.add_argument("--tree-depth", type=int, default=None, metavar="N", help="deepest offset (0: the draft length)")
+    p.add_argument("--tree-budget", type=int, default=None, metavar="N", help="most draft nodes per pass")
+
+
+def _tree(args, cfg, model):
+    """The ``spec.tree`` of the checkpoint with the command line's fields over it, checked; None when
+    tree verification is off."""
+    from dataclasses import replace
+
+    from mtp_lightning.config import check_tree
+
+    given = {f: getattr(args, f"tree_{f}") for f in ("width", "experts", "depth", "budget")}
+    tree = replace(cfg.spec.tree, **{f: v for f, v in given.items() if v is not None})
+    tree = replace(tree, enabled=tree.enabled or args.tree)
+    errors = check_tree(tree, model.n_future, "--tree-")
+    if errors:
+        raise UserError("; ".join(errors))
+    return tree if tree.enabled else None
+
+
 def generate(args) -> int:
     from mtp_lightning.decoding import Sampling, generate_ar, generate_speculative
     from mtp_lightning.decoding.metrics import SpecAcceptance
     from mtp_lightning.decoding.speculative import resolve_draft_len
+    from mtp_lightning.decoding.tree import tree_depth, tree_summary
 
     model, tok, cfg = load_for_inference(args.ckpt)
     _check_args(args, model)
@@ -65,6 +92,10 @@ def generate(args) -> int:
     generator = torch.Generator().manual_seed(args.seed)
     verifier = _verifier(args, cfg)
     eos_id = _eos_id(args, tok)
+    tree = _tree(args, cfg, model) if args.mode == "spec" else None
+    if tree is not None and not sampling.greedy:
+        raise UserError(f"--tree verifies greedily; --temperature={args.temperature} needs the chain (drop "
+                        f"--tree, or set spec.tree.enabled=false in the run)")
 
     printed = [""]
 
@@ -85,16 +116,18 @@ def generate(args) -> int:
         stream(out.tokens)
         stats = {}
     else:
-        k = resolve_draft_len(model, args.draft_len)
+        k = resolve_draft_len(model, args.draft_len) if tree is None else tree_depth(model, args.draft_len, tree)
         out = generate_speculative(model, [ids], max_new, verifier=verifier, draft_len=k, sampling=sampling,
                                    draft_precision=_draft_precision(args), generator=generator, eos_id=eos_id,
-                                   on_step=stream)
+                                   on_step=stream, tree=tree)
         metric = SpecAcceptance(k)
         metric.update(*out.step_counts())
         m = metric.summary()
         stats = {"acceptance_rate": float(m["acceptance_rate"]),
                  "mean_acceptance_length": float(m["mean_acceptance_length"]),
                  "per_position": [float(x) for x in m["per_position"]]}
+        if tree is not None:
+            stats["tree"] = tree_summary([out])
     tokens = out.tokens[0]
     stopped_at_eos = eos_id is not None and tokens[-1] == eos_id
     text = tok.decode(tokens[:-1] if stopped_at_eos else tokens)
@@ -103,7 +136,7 @@ def generate(args) -> int:
               "tokens_per_s": len(tokens) / max(out.seconds, 1e-9),
               "acceptance_rate": stats.get("acceptance_rate"),
               "mean_acceptance_length": stats.get("mean_acceptance_length"),
-              "per_position": stats.get("per_position")}
+              "per_position": stats.get("per_position"), "tree": stats.get("tree")}
     if args.json:
         print(json.dumps(result))
     else:
@@ -114,6 +147,8 @@ def generate(args) -> int:
             per = " ".join(f"{x:.2f}" for x in stats["per_position"])
             line += (f", acceptance rate {stats['acceptance_rate']:.3f}, mean acceptance length "
                      f"{stats['mean_acceptance_length']:.2f}, per position [{per}]")
+        if stats.get("tree"):
+            line += f", mean tree size {stats['tree']['mean_size']:.1f}, winners {stats['tree']['winners']}"
         print(line, file=sys.stderr)
     return 0
 
@@ -163,6 +198,7 @@ def bench(args) -> int:
     for note in fit_bench_lengths(args, model):
         print(f"bench: {note}", file=sys.stderr)
     _check_args(args, model)
+    tree = _tree(args, cfg, model)
     if args.n_prompts < 1 or args.batch_size < 1 or args.prompt_len < 1 or args.repeats < 1:
         raise UserError(f"--n-prompts, --batch-size, --prompt-len and --repeats must be >= 1 (got {args.n_prompts}, "
                         f"{args.batch_size}, {args.prompt_len}, {args.repeats})")
@@ -176,7 +212,7 @@ def bench(args) -> int:
     result = run_benchmark(model, prompts, args.max_new_tokens, batch_size=args.batch_size,
                            verifier=_verifier(args, cfg), draft_len=args.draft_len, sampled=args.sampled,
                            draft_precision=_draft_precision(args), eos_id=_eos_id(args, tok),
-                           repeats=args.repeats)
+                           repeats=args.repeats, tree=tree)
     result.update({"val_bits_per_byte": heldout_metrics(model, dm, max_batches=8)["bits_per_byte"],
                    "gzip_bits_per_byte": dm.gzip_bits_per_byte("val")})
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -194,4 +230,4 @@ def bench(args) -> int:
         write_text(out, json.dumps(result, indent=2) + "\n")
         plot_per_position(result, str(out.with_suffix(".png")))
         print(f"wrote {out} and {out.with_suffix('.png')}")
-    return 0 if result["identical"] else 1
+    return 0 if result["identical"] and result.get("tree_identical", True) else 1

@@ -277,3 +277,28 @@ def test_generate_and_bench_stop_at_the_end_of_text_token(smoke_run, capsys, tmp
     result = json.loads(bench_json.read_text())
     assert result["identical"] is True and result["eos_id"] == eot and result["generated_tokens"] == j + 1
     assert result["repeats"] == 2 and len(result["ar_seconds"]) == len(result["spec_seconds"]) == 2
+def test_tree_options_of_generate_and_bench(smoke_run, capsys, tmp_path):
+    import json
+
+    ckpt = str(smoke_run / "checkpoints" / "last.ckpt")
+    assert main(["generate", "--ckpt", ckpt, "--prompt", "def f(x):", "--max-new-tokens", "10", "--mode", "ar",
+                 "--json"]) == 0
+    ar_tokens = json.loads(capsys.readouterr().out)["tokens"]
+    assert main(["generate", "--ckpt", ckpt, "--prompt", "def f(x):", "--max-new-tokens", "10", "--tree",
+                 "--tree-width", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tokens"] == ar_tokens
+    assert set(out["tree"]) == {"mean_size", "max_size", "winners"}
+    assert set(out["tree"]["winners"]) == {"none", "mixture", "expert0", "expert1", "topk"}
+    out_json = tmp_path / "bench.json"
+    assert main(["bench", "--ckpt", ckpt, "--n-prompts", "2", "--prompt-len", "16", "--max-new-tokens", "12",
+                 "--tree", "--tree-budget", "6", "--json", str(out_json)]) == 0
+    result = json.loads(out_json.read_text())
+    assert result["identical"] is True and result["tree_identical"] is True
+    assert result["tree_budget"] == 6 and 0 < result["tree_max_size"] <= 6
+    assert sum(result["tree_winners"].values()) == sum(result["tree_histogram"])
+    capsys.readouterr()
+    assert main(["bench", "--ckpt", ckpt, "--tree", "--tree-width", "0"]) == 2
+    assert capsys.readouterr().err.strip().endswith("--tree-width=0 must be >= 1 (1: no branch beyond the chains)")
+    assert main(["generate", "--ckpt", ckpt, "--prompt", "x", "--tree", "--temperature", "1"]) == 2
+    assert "--tree verifies greedily" in capsys.readouterr().err

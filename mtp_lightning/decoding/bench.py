@@ -19,10 +19,12 @@ import statistics
 import torch
 
 from mtp_lightning.atomic import writing
+from mtp_lightning.config import TreeConfig
 from mtp_lightning.decoding.autoregressive import generate_ar, left_pad
 from mtp_lightning.decoding.metrics import SpecAcceptance
 from mtp_lightning.decoding.sampling import Sampling
 from mtp_lightning.decoding.speculative import generate_speculative, resolve_draft_len, resolve_draft_precision
+from mtp_lightning.decoding.tree import tree_depth, tree_summary
 from mtp_lightning.model import fastpath
 
 
@@ -96,8 +98,13 @@ def _acceptance(metric: SpecAcceptance, prefix: str = "") -> dict:
 def run_benchmark(model, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 1,
                   verifier: str = "marginal", draft_len: int = 0, warmup: bool = True, sampled: bool = False,
                   seed: int = 0, draft_precision: str = "auto", eos_id: int | None = None,
-                  repeats: int = 1) -> dict:
-    """Decode ``prompts`` with AR and greedy speculative decoding; see the module docstring."""
+                  repeats: int = 1, tree: TreeConfig | None = None) -> dict:
+    """Decode ``prompts`` with AR and greedy speculative decoding; see the module docstring.
+
+    ``tree`` (enabled): also greedy tree verification (``tree.py``), one prompt at a time whatever
+    ``batch_size`` and once whatever ``repeats``, reported beside the chain under ``tree_*``: its speed
+    against the AR runs' median, its exactness, acceptance (draft length: the tree's depth), tree sizes
+    and the winners' histogram."""
     if not prompts:
         raise ValueError("run_benchmark needs at least one prompt")
     if batch_size < 1 or repeats < 1:
@@ -150,6 +157,9 @@ def run_benchmark(model, prompts: list[list[int]], max_new_tokens: int, batch_si
                 "identical": identical,
                 **_acceptance(metric),
             }
+            if tree is not None and tree.enabled:
+                result.update(_tree_runs(model, prompts, max_new_tokens, tree, spec_kw, warmup, reference,
+                                         statistics.median(ar_tps)))
             if sampled:
                 generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
                 metric = SpecAcceptance(k)
@@ -161,6 +171,25 @@ def run_benchmark(model, prompts: list[list[int]], max_new_tokens: int, batch_si
     finally:
         model.train(was_training)
     return result
+
+
+def _tree_runs(model, prompts: list[list[int]], max_new_tokens: int, tree: TreeConfig, spec_kw: dict,
+               warmup: bool, ar_tokens: list[list[int]], ar_tps: float) -> dict:
+    """``run_benchmark``'s tree columns: each prompt decoded alone, compared with the AR rows."""
+    kw = {**spec_kw, "draft_len": tree_depth(model, spec_kw["draft_len"], tree), "tree": tree}
+    if warmup:
+        generate_speculative(model, [prompts[0]], min(8, max_new_tokens), **kw)
+    runs = [generate_speculative(model, [p], max_new_tokens, **kw) for p in prompts]
+    metric = SpecAcceptance(kw["draft_len"])
+    for g in runs:
+        metric.update(*g.step_counts())
+    tps = sum(g.n_tokens for g in runs) / sum(g.seconds for g in runs)
+    stats = tree_summary(runs)
+    return {"tree_width": tree.width, "tree_experts": min(tree.experts, model.rank), "tree_depth": kw["draft_len"],
+            "tree_budget": tree.budget, "tree_tokens_per_s": tps, "tree_speedup": tps / ar_tps,
+            "tree_ms_per_step": _ms_per_step(runs), "tree_identical": [t for g in runs for t in g.tokens] == ar_tokens,
+            **_acceptance(metric, "tree_"), "tree_mean_size": stats["mean_size"], "tree_max_size": stats["max_size"],
+            "tree_winners": stats["winners"]}
 
 
 def format_table(result: dict) -> str:

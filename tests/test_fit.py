@@ -299,6 +299,6 @@ def test_tree_options_of_generate_and_bench(smoke_run, capsys, tmp_path):
     assert sum(result["tree_winners"].values()) == sum(result["tree_histogram"])
     capsys.readouterr()
     assert main(["bench", "--ckpt", ckpt, "--tree", "--tree-width", "0"]) == 2
-    assert capsys.readouterr().err.strip().endswith("--tree-width=0 must be >= 1 (1: no branch beyond the chains)")
+    assert capsys.readouterr().err.strip().endswith("--tree-width=0 must be >= 1 (1 adds no branch beyond the chains)")
     assert main(["generate", "--ckpt", ckpt, "--prompt", "x", "--tree", "--temperature", "1"]) == 2
     assert "--tree verifies greedily" in capsys.readouterr().err

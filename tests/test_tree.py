@@ -142,8 +142,9 @@ def test_config_range_checks():
         load_config(overrides=["spec.tree.width=0", "spec.tree.experts=-1", "spec.tree.depth=9",
                                "spec.tree.budget=0"])
     msg = str(e.value)
-    for part in ("spec.tree.width=0 must be >= 1", "spec.tree.experts=-1 must be >= 0",
-                 "spec.tree.depth=9 must be between 0", "spec.tree.budget=0 must be >= 1"):
+    for part in ("spec.tree.width=0 must be >= 1 (1 adds no branch beyond the chains)",
+                 "spec.tree.experts=-1 must be >= 0 (0 adds no expert chain)",
+                 "spec.tree.depth=9 must be at most model.heads.n_future - 1 = 3", "spec.tree.budget=0 must be >= 1"):
         assert part in msg
 
 

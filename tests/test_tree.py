@@ -218,3 +218,12 @@ def test_hf_tree_pass_and_parity(hf_model, base_folder):
     assert_tree_pass_equals_chains(hf, [11, 12, 13, 14], [15, 16, 17, 18, 19], [0, 1, 0, 3, 1])
     accepted, drafted = assert_tree_parity(hf, [[30, 31, 32, 33], [40, 41]], 16, TREES[:2])
     assert drafted > 0 and accepted >= 0
+
+
+def test_stub_stops_at_eos_as_the_chain_does():
+    # the eos 3 is an accepted draft of the first step: its drafts before it count, it ends the row
+    gen = generate_speculative(TreeStub([ALWAYS]), [[0]], 10, draft_len=3, eos_id=3,
+                               tree=TreeConfig(enabled=True, width=1))
+    assert gen.tokens == [[1, 2, 3]]
+    assert (gen.accepted, gen.drafted) == ([[1]], [[1]])
+    assert generate_speculative(TreeStub([ALWAYS]), [[0]], 10, draft_len=3, eos_id=3).accepted == [[1]]

@@ -246,14 +246,16 @@ def generate_tree(model, prompts, max_new_tokens: int, tree: TreeConfig, *, pad_
             zt, st = _at(z, states, slice(None), last, len(states))  # (1, D)
             lp1 = None if lp1 is None else lp1[:, last]  # (1, r, V)
             out = [dtree.tokens[i - 1] for i in path] + [target[last]]
-            m = len(path)
+            m, kd = len(path), ks
             if eos_id is not None and eos_id in out:
+                # cut at the eos as AR stops there; an accepted eos ends the step as the chain's does
                 out = out[: out.index(eos_id) + 1]
-                m = min(m, len(out))
+                if len(out) <= m:
+                    m = kd = len(out) - 1
                 alive = False
             c = out[-1]
             accepted.append(m)
-            drafted.append(ks)
+            drafted.append(kd)
             sizes.append(len(dtree))
             winners.append(dtree.winner(path[:m]))
             tokens.extend(out)

@@ -13,7 +13,7 @@ from mtp_lightning.config import TreeConfig, load_config
 from mtp_lightning.decoding import generate_ar, generate_speculative
 from mtp_lightning.decoding.tree import DraftTree, build_tree, generate_tree, tree_summary
 from mtp_lightning.errors import UserError
-from tests.test_decoding import ALWAYS, NEVER, PARTLY, StubModel, chain
+from tests.stubs import ALWAYS, NEVER, PARTLY, StubModel, chain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

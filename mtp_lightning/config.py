@@ -198,6 +198,8 @@ class TrainerConfig:
     """Validate every this many training steps."""
     limit_val_batches: int = 10
     log_every_n_steps: int = 10
+    """Log the training scalars every this many optimizer steps; without the progress bar, ``fit`` also
+    prints a line then: ``step 20/500: loss 4.321, 1,234 tok/s, ETA 0:03:10`` (none under ``--quiet``)."""
     accumulate_grad_batches: int = 1
     num_sanity_val_steps: int = 0
     progress_bar: bool = True

@@ -66,7 +66,14 @@ def test_fit_prints_a_preamble_and_a_summary(smoke_fit, tb_scalars):
     gzip_bpb = 8 * len(gzip.compress(val_text, 9)) / len(val_text)
     (best,) = (run / "checkpoints").glob("best-*.ckpt")
     last = run / "checkpoints" / "last.ckpt"
-    assert lines[6:] == [
+    # without the bar: a line every trainer.log_every_n_steps=2 optimizer steps, with the loss logged then
+    progress = [re.fullmatch(r"step (\d+)/12: loss (\d+\.\d{3}), ([\d,]+) tok/s, ETA \d+:\d\d:\d\d", line)
+                for line in lines[6:12]]
+    assert all(progress), lines[6:12]
+    assert [int(m.group(1)) for m in progress] == [2, 4, 6, 8, 10, 12]
+    losses = dict(tags["train/loss"])  # logged at step - 1 (Lightning's 0-based batch index)
+    assert [float(m.group(2)) for m in progress] == [round(losses[s - 1], 3) for s in (2, 4, 6, 8, 10, 12)]
+    assert lines[12:] == [
         f"run finished at step 12: {run}",
         f"held-out bits per byte: {tags['val/bits_per_byte'][-1][1]:.3f} at the last validation (gzip -9: "
         f"{gzip_bpb:.3f} on the held-out split)",
@@ -277,6 +284,8 @@ def test_generate_and_bench_stop_at_the_end_of_text_token(smoke_run, capsys, tmp
     result = json.loads(bench_json.read_text())
     assert result["identical"] is True and result["eos_id"] == eot and result["generated_tokens"] == j + 1
     assert result["repeats"] == 2 and len(result["ar_seconds"]) == len(result["spec_seconds"]) == 2
+
+
 def test_tree_options_of_generate_and_bench(smoke_run, capsys, tmp_path):
     import json
 
@@ -302,3 +311,11 @@ def test_tree_options_of_generate_and_bench(smoke_run, capsys, tmp_path):
     assert capsys.readouterr().err.strip().endswith("--tree-width=0 must be >= 1 (1 adds no branch beyond the chains)")
     assert main(["generate", "--ckpt", ckpt, "--prompt", "x", "--tree", "--temperature", "1"]) == 2
     assert "--tree verifies greedily" in capsys.readouterr().err
+
+
+def test_progress_line_format():
+    from callbacks.progress import format_eta, progress_line
+
+    assert progress_line(4, 12, 5.12345, 1234.4, 12.4) == "step 4/12: loss 5.123, 1,234 tok/s, ETA 0:00:12"
+    assert progress_line(1, 500, None, 0.0, 3725.4) == "step 1/500: loss -, 0 tok/s, ETA 1:02:05"
+    assert format_eta(59.6) == "0:01:00"

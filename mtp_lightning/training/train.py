@@ -183,7 +183,8 @@ class ProgressBar(TQDMProgressBar):
         return metrics
 
 
-def build_trainer(cfg: Config, paths: RunPaths | None, n_future: int) -> L.Trainer:
+def build_trainer(cfg: Config, paths: RunPaths | None, n_future: int, quiet: bool = False) -> L.Trainer:
+    """Without the bar (and unless ``quiet``) a fit prints a progress line every ``log_every_n_steps``."""
     t = cfg.trainer
     logger = False
     callbacks: list = []
@@ -193,6 +194,10 @@ def build_trainer(cfg: Config, paths: RunPaths | None, n_future: int) -> L.Train
         callbacks = build_callbacks(cfg, paths, n_future)
     if t.progress_bar:
         callbacks.append(ProgressBar(refresh_rate=max(1, t.log_every_n_steps // 2)))
+    elif paths is not None and not quiet:
+        from callbacks.progress import ProgressLines
+
+        callbacks.append(ProgressLines(t.log_every_n_steps, n_future))
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, strategy=build_strategy(cfg), precision=resolve_precision(cfg)[0],
         max_steps=t.max_steps + cfg.draft_tuning.steps, max_epochs=-1, val_check_interval=t.val_check_interval,
@@ -308,7 +313,7 @@ def fit(files: list[str], overrides: list[str], resume: str | None = None, quiet
         paths.checkpoints.mkdir(parents=True, exist_ok=True)
         write_text(paths.config, to_yaml(cfg))
         write_text(paths.tokenizer, tok.to_json())
-    trainer = build_trainer(cfg, paths, cfg.model.heads.n_future)
+    trainer = build_trainer(cfg, paths, cfg.model.heads.n_future, quiet)
     from mtp_lightning.training.summary import preamble_lines, summary_lines
 
     if not quiet and not is_launched_child():

@@ -180,9 +180,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_config(args) -> int:
-    from mtp_lightning.config import load_config, to_yaml
+    from mtp_lightning.config import load_config, to_applied_yaml
 
-    print(to_yaml(load_config(args.config, args.overrides)), end="")
+    print(to_applied_yaml(load_config(args.config, args.overrides)), end="")
     return 0
 
 

@@ -498,6 +498,29 @@ def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
+def to_applied_yaml(cfg: Config) -> str:
+    """``--print-config``'s text: ``to_yaml`` less what the run does not use. Under
+    ``model.backbone.kind=hf`` the sizes and vocabulary come from the pretrained model, so ``model.gpt``
+    goes; so does ``tokenizer`` when it is the model's own (``kind=bpe``), and the BPE-only
+    ``tokenizer.vocab_size`` / ``train_bytes`` otherwise. A leading comment says so."""
+    if cfg.model.backbone.kind != "hf":
+        return to_yaml(cfg)
+    tree = OmegaConf.to_container(OmegaConf.structured(cfg))
+    del tree["model"]["gpt"]
+    name = cfg.model.backbone.name_or_path
+    if cfg.tokenizer.kind == "bpe":
+        del tree["tokenizer"]
+        note = [f"# tokenizer: model '{name}''s own (tokenizer.kind=bpe under model.backbone.kind=hf)",
+                "# not shown, as they do not apply: model.gpt.* and tokenizer.* (the sizes and the vocabulary "
+                "come from the model)"]
+    else:
+        del tree["tokenizer"]["vocab_size"], tree["tokenizer"]["train_bytes"]
+        note = [f"# tokenizer: {cfg.tokenizer.path} (tokenizer.kind={cfg.tokenizer.kind})",
+                "# not shown, as they do not apply: model.gpt.* (the sizes and the vocabulary come from the "
+                "model) and tokenizer.vocab_size, tokenizer.train_bytes (a trained BPE's)"]
+    return "\n".join(note) + "\n" + OmegaConf.to_yaml(OmegaConf.create(tree))
+
+
 def _within(value, rule: str) -> bool:
     """``value`` obeys ``rule``: ``">= 1"``, ``"> 0"``, or an interval such as ``"[0, 1)"``. NaN obeys none."""
     if rule[0] in "[(":

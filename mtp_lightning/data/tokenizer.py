@@ -73,7 +73,9 @@ def _eos_from_config(folder: Path) -> str | None:
 
 
 class Tokenizer:
-    def __init__(self, tok: HFTokenizer, eot_token: str | None = None, origin: str = "tokenizer"):
+    def __init__(self, tok: HFTokenizer, eot_token: str | None = None, origin: str = "tokenizer",
+                 fix: str = "use tokenizer.kind=bpe or a tokenizer with an EOS token"):
+        """``fix`` ends the error of a tokenizer without an end-of-text token (as in ``from_file``)."""
         tok.no_padding()
         tok.no_truncation()
         tok.encode_special_tokens = True
@@ -83,7 +85,7 @@ class Tokenizer:
             eot_token = next((name for name in _EOS_NAMES if name in vocab), None)
         if eot_token is None:
             raise UserError(f"{origin} has no end-of-text token (looked for {', '.join(_EOS_NAMES)}); "
-                            f"use tokenizer.kind=bpe or a tokenizer with an EOS token")
+                            f"{fix}")
         self.eot_token = eot_token
         self.eot_id = vocab[eot_token]
         # ids may have holes (some hub vocabularies): the embedding must cover the largest id
@@ -107,14 +109,16 @@ class Tokenizer:
         return cls(tok, EOT)
 
     @classmethod
-    def from_json(cls, text: str, origin: str = "tokenizer JSON", eot_token: str | None = None) -> Tokenizer:
+    def from_json(cls, text: str, origin: str = "tokenizer JSON", eot_token: str | None = None,
+                  fix: str | None = None) -> Tokenizer:
         """From ``to_json()``'s output, or from the text of a plain tokenizer.json (then ``eot_token``,
         or a standard end-of-text name, is the eot)."""
         try:
             data = json.loads(text)
+            extra = {} if fix is None else {"fix": fix}
             if isinstance(data, dict) and data.get("format") == FORMAT:
-                return cls(HFTokenizer.from_str(json.dumps(data["tokenizer"])), data["eot_token"], origin)
-            return cls(HFTokenizer.from_str(text), eot_token, origin)
+                return cls(HFTokenizer.from_str(json.dumps(data["tokenizer"])), data["eot_token"], origin, **extra)
+            return cls(HFTokenizer.from_str(text), eot_token, origin, **extra)
         except UserError:
             raise
         except Exception as e:  # json and the Rust deserializer raise different types
@@ -123,40 +127,44 @@ class Tokenizer:
                             f"by the tokenizers library") from None
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> Tokenizer:
-        """A tokenizer.json (or a folder holding one); eot from a tokenizer_config.json beside it."""
+    def from_file(cls, path: str | os.PathLike, fix: str | None = None) -> Tokenizer:
+        """A tokenizer.json (or a folder holding one); eot from a tokenizer_config.json beside it.
+        ``fix``, when given, is the way out that a missing file or EOS token names: under a pretrained
+        backbone a trained BPE cannot replace the model's tokenizer, so the default hint would mislead."""
         p = Path(path).expanduser()
         if p.is_dir():
             p = p / "tokenizer.json"
         if not p.is_file():
-            raise UserError(f"tokenizer file '{path}' does not exist; set tokenizer.path to a "
-                            f"tokenizer.json (or use tokenizer.kind=bpe to train one)")
+            raise UserError(f"tokenizer file '{p}' does not exist; " + (
+                fix or "set tokenizer.path to a tokenizer.json (or use tokenizer.kind=bpe to train one)"))
         return cls.from_json(p.read_text(encoding="utf-8"), f"tokenizer file '{path}'",
-                             eot_token=_eos_from_config(p.parent))
+                             eot_token=_eos_from_config(p.parent), fix=fix)
 
     @classmethod
-    def from_hub(cls, name_or_folder: str) -> Tokenizer:
-        """A local folder with tokenizer.json (offline), else a hub name via transformers or tokenizers."""
+    def from_hub(cls, name_or_folder: str, fix: str | None = None) -> Tokenizer:
+        """A local folder with tokenizer.json (offline), else a hub name via transformers or tokenizers;
+        ``fix`` as in ``from_file``."""
+        extra = {} if fix is None else {"fix": fix}
         if Path(name_or_folder).expanduser().is_dir():
-            return cls.from_file(name_or_folder)
+            return cls.from_file(name_or_folder, fix)
         with offline_unless_reachable() as why:
             try:
                 try:
                     from transformers import AutoTokenizer
                 except ImportError:
-                    return cls(HFTokenizer.from_pretrained(name_or_folder), None, name_or_folder)
+                    return cls(HFTokenizer.from_pretrained(name_or_folder), None, name_or_folder, **extra)
                 hf = AutoTokenizer.from_pretrained(name_or_folder)
                 backend = getattr(hf, "backend_tokenizer", None)
                 if backend is None:
                     raise UserError(f"tokenizer '{name_or_folder}' has no fast (Rust) version; "
                                     f"use a tokenizer that ships tokenizer.json")
-                return cls(backend, hf.eos_token, name_or_folder)
+                return cls(backend, hf.eos_token, name_or_folder, **extra)
             except UserError:
                 raise
             except Exception as e:  # network, missing repo, missing files
                 reason = why or (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-                raise UserError(f"tokenizer '{name_or_folder}' cannot be loaded ({reason}); give a "
-                                f"local folder with tokenizer.json, or use tokenizer.kind=bpe") from None
+                raise UserError(f"tokenizer '{name_or_folder}' cannot be loaded ({reason}); " + (
+                    fix or "give a local folder with tokenizer.json, or use tokenizer.kind=bpe")) from None
 
     # ---- serialisation --------------------------------------------------------------------------
     def to_json(self) -> str:

@@ -221,7 +221,7 @@ def is_launched_child() -> bool:
 def build_data_and_module(cfg: Config, tokenizer_json: str | None = None):
     from mtp_lightning.data import build_datamodule
     from mtp_lightning.data.tokenizer import Tokenizer
-    from mtp_lightning.model.gguf_backbone import inspect_gguf, is_gguf, load_gguf_tokenizer
+    from mtp_lightning.model.gguf_backbone import inspect_gguf, is_gguf
     from mtp_lightning.training.lit_module import CPLightningModule
 
     hf = cfg.model.backbone.kind == "hf"
@@ -229,15 +229,14 @@ def build_data_and_module(cfg: Config, tokenizer_json: str | None = None):
     if gguf:
         # every check of the file that its metadata allows, before a corpus is read or a folder written
         inspect_gguf(cfg.model.backbone.name_or_path)
-    own_tokenizer = hf and cfg.tokenizer.kind == "bpe"
-    if own_tokenizer and not gguf:
-        # a pretrained model reads its own tokenizer's ids (kind=file|hub names another one explicitly)
-        cfg.tokenizer.kind, cfg.tokenizer.path = "hub", cfg.model.backbone.name_or_path
     dm = build_datamodule(cfg.data, cfg.tokenizer, cfg.model.heads.n_future, cfg.run.seed)
     if tokenizer_json is not None:
         dm.set_tokenizer(Tokenizer.from_json(tokenizer_json))
-    elif own_tokenizer and gguf:  # the tokenizer in the GGUF's metadata (tokenizer.kind stays bpe: "the model's")
-        dm.set_tokenizer(load_gguf_tokenizer(cfg.model.backbone.name_or_path))
+    elif hf:
+        tok, origin = pretrained_tokenizer(cfg, gguf)
+        if tok is not None:
+            dm.set_tokenizer(tok)
+            dm.tokenizer_origin = origin
     tok = dm.prepare_corpus()
     if hf:
         module = CPLightningModule(cfg, tok.token_bytes())
@@ -250,6 +249,29 @@ def build_data_and_module(cfg: Config, tokenizer_json: str | None = None):
         module = CPLightningModule(cfg, tok.token_bytes())
     set_draft_vocabulary(module.model, dm)
     return dm, module, tok
+
+
+def pretrained_tokenizer(cfg: Config, gguf: bool):
+    """Under ``model.backbone.kind=hf``: the run's tokenizer and where it came from. ``tokenizer.kind=bpe``
+    (the default) means the model's own: a pretrained model reads its own tokenizer's ids, a BPE
+    trained here could not work. ``kind=file|hub`` names another tokenizer explicitly."""
+    from mtp_lightning.data.tokenizer import Tokenizer
+    from mtp_lightning.model.gguf_backbone import load_gguf_tokenizer
+
+    name, k = cfg.model.backbone.name_or_path, cfg.tokenizer
+    if k.kind == "bpe" and gguf:  # the tokenizer in the GGUF's metadata (tokenizer.kind stays bpe: "the model's")
+        return load_gguf_tokenizer(name), f"model '{name}''s own (from its GGUF metadata)"
+    if k.kind == "bpe":
+        k.kind, k.path = "hub", name  # saved so: validate, test and a resume load the same tokenizer
+        fix = (f"model '{name}' needs its own tokenizer: set tokenizer.kind=file and tokenizer.path to a "
+               f"tokenizer.json with the model's ids")
+        return Tokenizer.from_hub(name, fix=fix), f"model '{name}''s own"
+    if k.kind not in ("file", "hub") or not k.path:
+        return None, ""  # the datamodule reports the missing path, as for any backbone
+    fix = (f"set tokenizer.path to a tokenizer.json with model '{name}''s ids, or leave tokenizer.kind=bpe "
+           f"to use the model's own tokenizer")
+    tok = Tokenizer.from_file(k.path, fix=fix) if k.kind == "file" else Tokenizer.from_hub(k.path, fix=fix)
+    return tok, f"loaded from {k.path}"
 
 
 def set_draft_vocabulary(model, dm) -> None:

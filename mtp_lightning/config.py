@@ -195,7 +195,7 @@ class TrainerConfig:
     """``auto``: bf16-mixed on a GPU or a CPU with native bf16 matmuls (AVX512-BF16/AMX), else 32-true
     (CPUs without them run bf16 matmuls many times slower than fp32)."""
     val_check_interval: int = 100
-    """Validate every this many training steps."""
+    """Validate every this many optimizer steps (each of ``accumulate_grad_batches`` batches)."""
     limit_val_batches: int = 10
     log_every_n_steps: int = 10
     """Log the training scalars every this many optimizer steps; without the progress bar, ``fit`` also

@@ -71,8 +71,8 @@ def test_fit_prints_a_preamble_and_a_summary(smoke_fit, tb_scalars):
                 for line in lines[6:12]]
     assert all(progress), lines[6:12]
     assert [int(m.group(1)) for m in progress] == [2, 4, 6, 8, 10, 12]
-    losses = dict(tags["train/loss"])  # logged at step - 1 (Lightning's 0-based batch index)
-    assert [float(m.group(2)) for m in progress] == [round(losses[s - 1], 3) for s in (2, 4, 6, 8, 10, 12)]
+    losses = dict(tags["train/loss"])
+    assert [float(m.group(2)) for m in progress] == [round(losses[s], 3) for s in (2, 4, 6, 8, 10, 12)]
     assert lines[12:] == [
         f"run finished at step 12: {run}",
         f"held-out bits per byte: {tags['val/bits_per_byte'][-1][1]:.3f} at the last validation (gzip -9: "
@@ -122,6 +122,20 @@ def test_tensorboard_has_every_metric(tb_scalars, smoke_run):
     assert bpb == pytest.approx(math.log(ppl) * targets.numel() / n_bytes / math.log(2), rel=1e-4)
 
 
+def test_scalars_and_checkpoints_share_the_step(tb_scalars, smoke_fit):
+    """Step N is the state after N optimizer steps: the N-th step's loss, a validation after it and the
+    checkpoint it wrote (read before the resume test adds steps)."""
+    run, _ = smoke_fit
+    tags = tb_scalars(run)
+    val = dict(tags["val/loss"])
+    assert list(val) == [6, 12] and [s for s, _ in tags["spec/acceptance_rate"]] == [6, 12]
+    assert [s for s, _ in tags["train/loss"]] == [2, 4, 6, 8, 10, 12]
+    assert [s for s, _ in tags[next(t for t in tags if t.startswith("lr-"))]] == [2, 4, 6, 8, 10, 12]
+    (best,) = (run / "checkpoints").glob("best-*.ckpt")
+    assert best.name == f"best-step{min(val, key=val.get):07d}.ckpt"
+    assert torch.load(best, weights_only=True)["global_step"] == min(val, key=val.get)
+
+
 def test_resume_continues_steps_and_curves(tb_scalars, smoke_run, capsys):
     """Also --quiet: the resumed fit prints nothing (no preamble, bar or summary)."""
     code = main(["fit", "--quiet", "--config", CONF, "--resume", "last", f"run.root={smoke_run.parent}", "run.name=smoke",
@@ -131,7 +145,23 @@ def test_resume_continues_steps_and_curves(tb_scalars, smoke_run, capsys):
     saved = torch.load(smoke_run / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["global_step"] == 18
     steps = [s for s, _ in tb_scalars(smoke_run)["train/loss"]]
-    assert steps == sorted(steps) and steps[-1] == 17 and len(steps) == len(set(steps))
+    assert steps == sorted(steps) and steps[-1] == 18 and len(steps) == len(set(steps))
+
+
+def test_accumulation_counts_optimizer_steps(tmp_path, tb_scalars):
+    """trainer.val_check_interval and checkpoint.every_n_steps count optimizer steps, each of
+    trainer.accumulate_grad_batches=2 batches; the validations and checkpoints carry the same steps."""
+    args = ["fit", "--quiet", "--config", CONF, f"run.root={tmp_path}", "run.name=acc", *FAST[:1],
+            "trainer.max_steps=6", "trainer.val_check_interval=3", "checkpoint.every_n_steps=3",
+            "trainer.log_every_n_steps=1", "trainer.accumulate_grad_batches=2", "checkpoint.save_top_k=-1",
+            "trainer.limit_val_batches=1", "spec.every_n_val=0", "data.batch_size=2", "data.seq_len=16"]
+    assert main(args) == 0
+    run = tmp_path / "acc"
+    assert [s for s, _ in tb_scalars(run)["val/loss"]] == [3, 6]
+    best = sorted(p.name for p in (run / "checkpoints").glob("best-*.ckpt"))
+    assert best == ["best-step0000003.ckpt", "best-step0000006.ckpt"]
+    assert [torch.load(run / "checkpoints" / n, weights_only=True)["global_step"] for n in best] == [3, 6]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
 
 
 def test_last_checkpoint_knows_the_best_files_on_disk(smoke_run):

@@ -30,7 +30,7 @@ def test_signal_stop_skips_validation_and_resume_keeps_the_schedule(tmp_path, mo
     assert main(["fit", "--config", CONF, "run.name=cut", "trainer.max_steps=20", *COMMON, *root]) == 128 + 15
     run = tmp_path / "cut"
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 13
-    assert [s for s, _ in tb_scalars(run)["val/loss"]] == [4, 9]  # none at the stop step
+    assert [s for s, _ in tb_scalars(run)["val/loss"]] == [5, 10]  # none at the stop step
     monkeypatch.setattr(safety.GracefulStopCallback, "on_train_batch_end", handler_flag)
     assert main(["fit", "--config", CONF, "--resume", "last", "run.name=cut", "trainer.max_steps=20",
                  *COMMON, *root]) == 0

@@ -166,6 +166,17 @@ def build_callbacks(cfg: Config, paths: RunPaths, n_future: int) -> list:
     return callbacks
 
 
+class StepLogger(TensorBoardLogger):
+    """TensorBoard at the run's one step convention: step N is the state after N optimizer steps
+    (``trainer.global_step == N``). The N-th step's loss and learning rate, a validation after it and the
+    checkpoints it wrote (``step000000N.ckpt``, ``best-step000000N.ckpt``, ``global_step`` inside) all
+    carry N, as do the progress lines and the callbacks' histograms (written at ``global_step``).
+    Lightning hands its loggers a 0-based index instead (``_batches_that_stepped``, N - 1 there)."""
+
+    def log_metrics(self, metrics, step=None) -> None:
+        super().log_metrics(metrics, None if step is None else step + 1)
+
+
 class ProgressBar(TQDMProgressBar):
     """Lightning's bar with the loss and tokens/s, without the logger's version tag."""
 
@@ -189,8 +200,7 @@ def build_trainer(cfg: Config, paths: RunPaths | None, n_future: int, quiet: boo
     logger = False
     callbacks: list = []
     if paths is not None:
-        logger = TensorBoardLogger(save_dir=str(paths.root), name="", version="tensorboard",
-                                   default_hp_metric=False)
+        logger = StepLogger(save_dir=str(paths.root), name="", version="tensorboard", default_hp_metric=False)
         callbacks = build_callbacks(cfg, paths, n_future)
     if t.progress_bar:
         callbacks.append(ProgressBar(refresh_rate=max(1, t.log_every_n_steps // 2)))
@@ -200,7 +210,9 @@ def build_trainer(cfg: Config, paths: RunPaths | None, n_future: int, quiet: boo
         callbacks.append(ProgressLines(t.log_every_n_steps, n_future))
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, strategy=build_strategy(cfg), precision=resolve_precision(cfg)[0],
-        max_steps=t.max_steps + cfg.draft_tuning.steps, max_epochs=-1, val_check_interval=t.val_check_interval,
+        max_steps=t.max_steps + cfg.draft_tuning.steps, max_epochs=-1,
+        # Lightning counts batches here, micro-batches under accumulation; the config promises optimizer steps
+        val_check_interval=t.val_check_interval * t.accumulate_grad_batches,
         check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches,
         limit_test_batches=t.limit_val_batches,
         log_every_n_steps=t.log_every_n_steps, accumulate_grad_batches=t.accumulate_grad_batches,

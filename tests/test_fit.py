@@ -148,14 +148,16 @@ def test_resume_continues_steps_and_curves(tb_scalars, smoke_run, capsys):
     assert steps == sorted(steps) and steps[-1] == 18 and len(steps) == len(set(steps))
 
 
-def test_accumulation_counts_optimizer_steps(tmp_path, tb_scalars):
-    """trainer.val_check_interval and checkpoint.every_n_steps count optimizer steps, each of
-    trainer.accumulate_grad_batches=2 batches; the validations and checkpoints carry the same steps."""
-    args = ["fit", "--quiet", "--config", CONF, f"run.root={tmp_path}", "run.name=acc", *FAST[:1],
+def test_accumulation_counts_optimizer_steps(tmp_path, tb_scalars, capsys):
+    """trainer.val_check_interval, checkpoint.every_n_steps and the progress lines count optimizer steps,
+    each of trainer.accumulate_grad_batches=2 batches; the validations and checkpoints carry the same steps."""
+    args = ["fit", "--config", CONF, f"run.root={tmp_path}", "run.name=acc", *FAST[:1],
             "trainer.max_steps=6", "trainer.val_check_interval=3", "checkpoint.every_n_steps=3",
             "trainer.log_every_n_steps=1", "trainer.accumulate_grad_batches=2", "checkpoint.save_top_k=-1",
             "trainer.limit_val_batches=1", "spec.every_n_val=0", "data.batch_size=2", "data.seq_len=16"]
     assert main(args) == 0
+    progress = [line.split(":")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert progress == [f"step {s}/6" for s in range(1, 7)]
     run = tmp_path / "acc"
     assert [s for s, _ in tb_scalars(run)["val/loss"]] == [3, 6]
     best = sorted(p.name for p in (run / "checkpoints").glob("best-*.ckpt"))

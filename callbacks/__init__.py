@@ -2,6 +2,7 @@
 
 from callbacks.acceptance import SpecAcceptanceCallback
 from callbacks.health import MixtureHistogramCallback
+from callbacks.progress import ProgressLines
 from callbacks.safety import GracefulStopCallback
 
-__all__ = ["GracefulStopCallback", "MixtureHistogramCallback", "SpecAcceptanceCallback"]
+__all__ = ["GracefulStopCallback", "MixtureHistogramCallback", "ProgressLines", "SpecAcceptanceCallback"]

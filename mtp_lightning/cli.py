@@ -27,6 +27,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
 
 
+def add_tree_arguments(p: argparse.ArgumentParser) -> None:
+    """``--tree`` and its fields (``spec.tree``); a field not given keeps the checkpoint's value."""
+    p.add_argument("--tree", action="store_true",
+                   help="verify a tree of candidates per step (greedy, one row at a time) instead of one chain")
+    p.add_argument("--tree-width", type=int, default=None, metavar="N", help="top-k tokens tried per offset")
+    p.add_argument("--tree-experts", type=int, default=None, metavar="N", help="experts whose own chains join")
+    p.add_argument("--tree-depth", type=int, default=None, metavar="N", help="deepest offset (0: the draft length)")
+    p.add_argument("--tree-budget", type=int, default=None, metavar="N", help="most draft nodes per pass")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mtp_lightning",
                                      description="Train and decode with rank-r CP multi-token heads.")
@@ -44,8 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
         _common(p)
         p.add_argument("--ckpt", metavar="PATH", help="checkpoint (default: run.name's last)")
 
-    from mtp_lightning import decode_cli
-
     p = sub.add_parser("generate", help="decode from a prompt, autoregressively or speculatively")
     p.add_argument("--ckpt", required=True, metavar="PATH")
     p.add_argument("--prompt", required=True)
@@ -62,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true",
                    help="decode all --max-new-tokens instead of stopping at the tokenizer's end-of-sequence token")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
-    decode_cli.add_tree_arguments(p)
+    add_tree_arguments(p)
     p.add_argument("--debug", action="store_true")
 
     p = sub.add_parser("bench", help="AR vs speculative decoding of the same prompts, side by side")
@@ -86,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3,
                    help="run the AR and speculative decodes this many times, interleaved; report the medians")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON here (and a PNG beside it)")
-    decode_cli.add_tree_arguments(p)
+    add_tree_arguments(p)
     p.add_argument("--debug", action="store_true")
 
     p = sub.add_parser("sweep", help="one run per grid point (e.g. rank), each measured, and a report")

@@ -43,16 +43,6 @@ def _draft_precision(args) -> str:
     return args.draft_precision
 
 
-def add_tree_arguments(p) -> None:
-    """``--tree`` and its fields (``spec.tree``); a field not given keeps the checkpoint's value."""
-    p.add_argument("--tree", action="store_true",
-                   help="verify a tree of candidates per step (greedy, one row at a time) instead of one chain")
-    p.add_argument("--tree-width", type=int, default=None, metavar="N", help="top-k tokens tried per offset")
-    p.add_argument("--tree-experts", type=int, default=None, metavar="N", help="experts whose own chains join")
-    p.add_argument("--tree-depth", type=int, default=None, metavar="N", help="deepest offset (0: the draft length)")
-    p.add_argument("--tree-budget", type=int, default=None, metavar="N", help="most draft nodes per pass")
-
-
 def _tree(args, cfg, model):
     """The ``spec.tree`` of the checkpoint with the command line's fields over it, checked; None when
     tree verification is off."""

@@ -21,8 +21,8 @@ def test_callback_logs_acceptance_in_a_real_trainer(decoding_model, tmp_path, mo
     from lightning.pytorch.loggers import TensorBoardLogger
     from torch.utils.data import DataLoader
 
-    import callbacks.acceptance
-    from callbacks import SpecAcceptanceCallback
+    import mtp_lightning.callbacks.acceptance as acceptance
+    from mtp_lightning.callbacks import SpecAcceptanceCallback
 
     decodes, results = [], []
 
@@ -31,7 +31,7 @@ def test_callback_logs_acceptance_in_a_real_trainer(decoding_model, tmp_path, mo
         results.append(generate_speculative(model, *args, **kwargs))
         return results[-1]
 
-    monkeypatch.setattr(callbacks.acceptance, "generate_speculative", spy)
+    monkeypatch.setattr(acceptance, "generate_speculative", spy)
 
     class Module(pl.LightningModule):
         def __init__(self):

@@ -346,7 +346,7 @@ def test_tree_options_of_generate_and_bench(smoke_run, capsys, tmp_path):
 
 
 def test_progress_line_format():
-    from callbacks.progress import format_eta, progress_line
+    from mtp_lightning.callbacks.progress import format_eta, progress_line
 
     assert progress_line(4, 12, 5.12345, 1234.4, 12.4) == "step 4/12: loss 5.123, 1,234 tok/s, ETA 0:00:12"
     assert progress_line(1, 500, None, 0.0, 3725.4) == "step 1/500: loss -, 0 tok/s, ETA 1:02:05"

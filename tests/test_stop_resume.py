@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import callbacks.safety as safety
+import mtp_lightning.callbacks.safety as safety
 from mtp_lightning.cli import main
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf" / "smoke.yaml")

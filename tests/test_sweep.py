@@ -119,7 +119,7 @@ def _sweep_quick(root, *extra) -> int:
 @pytest.fixture(scope="module")
 def quick_sweep(tmp_path_factory):
     """The quick sweep, stopped by a SIGTERM at step 4 of rank4 (as a kill would), then run again."""
-    from callbacks.safety import GracefulStopCallback
+    from mtp_lightning.callbacks.safety import GracefulStopCallback
 
     root = tmp_path_factory.mktemp("sweeps")
     original = GracefulStopCallback.on_train_batch_end

@@ -137,9 +137,9 @@ class TrainingThroughput(ThroughputMonitor):
 
 
 def build_callbacks(cfg: Config, paths: RunPaths, n_future: int) -> list:
-    from callbacks.acceptance import SpecAcceptanceCallback
-    from callbacks.health import MixtureHistogramCallback
-    from callbacks.safety import GracefulStopCallback
+    from mtp_lightning.callbacks.acceptance import SpecAcceptanceCallback
+    from mtp_lightning.callbacks.health import MixtureHistogramCallback
+    from mtp_lightning.callbacks.safety import GracefulStopCallback
 
     c = cfg.checkpoint
     mode = "max" if "acceptance" in c.monitor else "min"
@@ -205,7 +205,7 @@ def build_trainer(cfg: Config, paths: RunPaths | None, n_future: int, quiet: boo
     if t.progress_bar:
         callbacks.append(ProgressBar(refresh_rate=max(1, t.log_every_n_steps // 2)))
     elif paths is not None and not quiet:
-        from callbacks.progress import ProgressLines
+        from mtp_lightning.callbacks.progress import ProgressLines
 
         callbacks.append(ProgressLines(t.log_every_n_steps, n_future))
     return L.Trainer(
@@ -354,7 +354,7 @@ def fit(files: list[str], overrides: list[str], resume: str | None = None, quiet
         print("\n".join(preamble_lines(cfg, dm, module.model, resolve_precision(cfg), run_dir, ckpt_path)),
               flush=True)
     trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
-    from callbacks.safety import GracefulStopCallback
+    from mtp_lightning.callbacks.safety import GracefulStopCallback
 
     stop = next(c for c in trainer.callbacks if isinstance(c, GracefulStopCallback))
     if not quiet and trainer.is_global_zero and stop.received is None:

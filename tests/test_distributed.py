@@ -191,6 +191,9 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
             results[kind] = {"worst": worst, "names": sorted(got), "z": z}
         if rank == 0:
             torch.save(results, out)
+        # both ranks leave together: a rank tearing gloo down while the other still talks to it aborted
+        # the process ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

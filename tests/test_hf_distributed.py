@@ -165,6 +165,7 @@ def _fsdp_hf_worker(rank: int, world: int, port: int, folder: str, out: str, hf_
             }
         if rank == 0:
             torch.save(results, out)
+        dist.barrier()  # both ranks leave together (see tests/test_distributed.py's FSDP worker)
     finally:
         dist.destroy_process_group()
 

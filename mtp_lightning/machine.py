@@ -11,7 +11,6 @@ import os
 import platform
 from pathlib import Path
 
-import torch
 
 SIMD_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 """The /proc/cpuinfo flags that change the speed of this project's kernels."""
@@ -39,6 +38,8 @@ def cpu_has_fast_bf16() -> bool:
 def describe_machine() -> dict:
     """cpu (model name), cpu_flags (those of ``SIMD_FLAGS`` it has), cores, threads (torch's), torch,
     python, load_average_1min, gpu (the CUDA device's name, or None)."""
+    import torch  # here, not at the top: the sweep and the config checks import this module first
+
     name, flags = _cpuinfo()
     return {"cpu": name, "cpu_flags": [f for f in SIMD_FLAGS if f in flags], "cores": os.cpu_count(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),

@@ -128,6 +128,9 @@ def test_truncated_token_and_tokenizer_caches_are_rebuilt_with_a_note(tmp_path):
      "error: config key 'optim.warmup_steps' in the command line expects int, got 'soon'"),
     (["validate", "--config", SMOKE, "optim.warmup_steps=-1"], "error: invalid config: optim.warmup_steps=-1 "
                                                                "must be >= 0"),
+    (["sweep", "--config", str(Path(SMOKE).parent / "sweep_rank.yaml"), "model.heads.rnk=3"],
+     "error: unknown config key 'model.heads.rnk' in the command line (did you mean 'model.heads.rank'?); see "
+     "`python -m mtp_lightning fit --print-config` for every key"),
 ])
 def test_config_errors_come_before_torch_and_lightning_are_imported(tmp_path, argv, message):
     """The real command under ``-X importtime``: the one error line, and no torch or Lightning import."""

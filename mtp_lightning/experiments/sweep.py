@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import OmegaConf
 
 from mtp_lightning.atomic import write_text
@@ -266,14 +265,17 @@ def _config_differs(saved: Path, expected) -> str | None:
 
 def run_sweep(path: str, overrides: list[str], quick: bool = False, report_only: bool = False) -> Path:
     """Train, measure and report every point of the sweep file ``path``; returns the sweep folder."""
-    from mtp_lightning.checkpoints.io import newest_checkpoint
-    from mtp_lightning.experiments.report import write_report
-    from mtp_lightning.training.train import fit
-
     sweep_over = [o for o in overrides if o.startswith("sweep.")]
     cfg, folder = load_sweep(path, sweep_over, quick)
     sweep = Sweep(cfg, folder, [o for o in overrides if not o.startswith("sweep.")])
     configs = {p.name: sweep.run_config(p) for p in sweep.points}  # every point is checked before any runs
+    # torch and Lightning only now, so a mistake in the sweep file or an override costs no heavy imports
+    import torch
+
+    from mtp_lightning.checkpoints.io import newest_checkpoint
+    from mtp_lightning.experiments.report import write_report
+    from mtp_lightning.training.train import fit
+
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     sweep.dir.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
+from mtp_lightning.data.packing import predicted_tokens
+
 
 def format_eta(seconds: float) -> str:
     """``H:MM:SS``, e.g. ``format_eta(3725.4) == "1:02:05"``."""
@@ -46,7 +48,7 @@ class ProgressLines(L.Callback):
     @rank_zero_only
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if isinstance(batch, torch.Tensor) and batch.dim() == 2:
-            self._tokens += batch.shape[0] * (batch.shape[1] - self.n_future)  # (B, T + n_future) windows
+            self._tokens += predicted_tokens(batch, self.n_future)
         step = trainer.global_step
         if step == self._last_step or step % self.every_n_steps:
             return  # a micro-batch of an accumulated step, or not a logging step

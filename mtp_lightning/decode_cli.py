@@ -48,7 +48,7 @@ def _tree(args, cfg, model):
     tree verification is off."""
     from dataclasses import replace
 
-    from mtp_lightning.config import check_tree
+    from mtp_lightning.config_checks import check_tree
 
     given = {f: getattr(args, f"tree_{f}") for f in ("width", "experts", "depth", "budget")}
     tree = replace(cfg.spec.tree, **{f: v for f, v in given.items() if v is not None})

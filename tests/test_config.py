@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from mtp_lightning.config import ALL_KEYS, RANGES, Config, load_config, to_yaml
+from mtp_lightning.config import ALL_KEYS, Config, load_config, to_yaml
+from mtp_lightning.config_checks import RANGES
 from mtp_lightning.errors import UserError
 
 CONF = Path(__file__).resolve().parent.parent / "conf"

@@ -63,3 +63,9 @@ def split_window(window: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tens
     targets = window[:, 1:].unfold(1, n, 1)  # (B, T, n)
     assert targets.shape == (window.size(0), seq_len, n), tuple(targets.shape)
     return inputs, targets
+
+
+def predicted_tokens(window: torch.Tensor, n_future: int) -> int:
+    """Positions a batch of windows (B, T + n_future) trains: B * T, not the windows' length (the
+    throughput monitor and the progress lines count these)."""
+    return window.shape[0] * (window.shape[1] - n_future)

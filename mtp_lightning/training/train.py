@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from mtp_lightning.atomic import write_text
 from mtp_lightning.checkpoints.io import AtomicCheckpointIO, META_KEY, find_resume_checkpoint, safe_load
 from mtp_lightning.config import Config, load_config, to_yaml
+from mtp_lightning.data.packing import predicted_tokens
 from mtp_lightning.errors import UserError
 from mtp_lightning.machine import cpu_has_fast_bf16, describe_machine
 
@@ -123,10 +124,6 @@ def _windows_in(window: torch.Tensor) -> int:
     return window.shape[0]
 
 
-def _tokens_in(window: torch.Tensor, n_future: int) -> int:
-    return window.shape[0] * (window.shape[1] - n_future)  # predicted positions, not window length
-
-
 class TrainingThroughput(ThroughputMonitor):
     """Lightning's throughput monitor, silent during draft tuning: those steps train on the model's own
     continuations, not on the loader's windows this monitor would count."""
@@ -156,7 +153,7 @@ def build_callbacks(cfg: Config, paths: RunPaths, n_future: int) -> list:
                         filename="best-step{step:07d}", auto_insert_metric_name=False, save_last=True,
                         save_on_train_epoch_end=False, enable_version_counter=False),
         LearningRateMonitor(logging_interval="step"),
-        TrainingThroughput(batch_size_fn=_windows_in, length_fn=functools.partial(_tokens_in, n_future=n_future),
+        TrainingThroughput(batch_size_fn=_windows_in, length_fn=functools.partial(predicted_tokens, n_future=n_future),
                           window_size=max(2, cfg.trainer.log_every_n_steps)),
         MixtureHistogramCallback(every_n_steps=cfg.trainer.log_every_n_steps),
         GracefulStopCallback(),

@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
@@ -47,7 +46,7 @@ class ProgressLines(L.Callback):
     @override
     @rank_zero_only
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if isinstance(batch, torch.Tensor) and batch.dim() == 2:
+        if not getattr(pl_module, "draft_tuning", False):  # draft steps train on the pool, not on the batch
             self._tokens += predicted_tokens(batch, self.n_future)
         step = trainer.global_step
         if step == self._last_step or step % self.every_n_steps:

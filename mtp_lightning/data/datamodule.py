@@ -33,6 +33,7 @@ from mtp_lightning.atomic import cached_entry, sidecar, write_text
 from mtp_lightning.config import DataConfig, TokenizerConfig
 from mtp_lightning.data.cache import bpe_texts, cache_root, fingerprint, save_array, tokenize_documents
 from mtp_lightning.data.corpora import Corpus
+from mtp_lightning.data.hidden_cache import HiddenStates, ensure_states, run_window_ids
 from mtp_lightning.data.packing import num_windows, pack_windows
 from mtp_lightning.data.sampler import ResumableBatchSampler
 from mtp_lightning.data.splits import SPLITS, split_documents
@@ -43,21 +44,24 @@ log = logging.getLogger(__name__)
 
 
 def _as_batch(data):
-    """The dataset already stacked the batch in ``__getitems__``; anything else collates as usual."""
-    return data if isinstance(data, torch.Tensor) else default_collate(data)
+    """The dataset already stacked the batch in ``__getitems__`` (windows, or windows and their hidden
+    states as a tuple); anything else collates as usual."""
+    return data if isinstance(data, (torch.Tensor, tuple)) else default_collate(data)
 
 
 class WindowDataset(Dataset):
     """Windows of one split's token stream (``packing.pack_windows``), read from a memory-mapped .npy.
 
     The map is opened lazily and dropped on pickling, so DataLoader workers and spawned ranks each
-    open their own instead of receiving a copy of the array.
+    open their own instead of receiving a copy of the array. With ``hidden`` set (a frozen backbone's
+    cached states, ``hidden_cache.py``) a batch is the tuple (windows (B, T+n), z (B, T, D)).
     """
 
     def __init__(self, path: Path, n_tokens: int, seq_len: int, n_future: int):
         self.path, self.seq_len, self.n_future = path, seq_len, n_future
         self.n = num_windows(n_tokens, seq_len, n_future)
         self._view: np.ndarray | None = None
+        self.hidden: HiddenStates | None = None
 
     def _windows(self) -> np.ndarray:
         if self._view is None:
@@ -70,9 +74,15 @@ class WindowDataset(Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         return torch.from_numpy(self._windows()[i].astype(np.int64))  # (T+n,)
 
-    def __getitems__(self, indices: list[int]) -> torch.Tensor:
+    def __getitems__(self, indices: list[int]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         # one fancy-index gather per batch instead of B small reads
-        return torch.from_numpy(self._windows()[np.asarray(indices)].astype(np.int64))  # (B, T+n)
+        windows = torch.from_numpy(self._windows()[np.asarray(indices)].astype(np.int64))  # (B, T+n)
+        z = None if self.hidden is None else self.hidden.gather(indices)  # (B, T, D)
+        return windows if z is None else (windows, z)
+
+    def inputs(self, ids: np.ndarray) -> torch.Tensor:
+        """The input tokens (k, T) of windows ``ids``: what the trunk reads."""
+        return torch.from_numpy(self._windows()[ids][:, :self.seq_len].astype(np.int64))
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_view": None}
@@ -238,6 +248,27 @@ class CorpusDataModule(L.LightningDataModule):
             self._datasets[split] = WindowDataset(self.split_path(split), self._meta["tokens"][split],
                                                   self.cfg.seq_len, self.n_future)
         return self._datasets[split]
+
+    def cache_hidden_states(self, backbone_key: str, encode, train_batches: int, val_batches: int,
+                            report=None) -> None:
+        """Attach the frozen backbone's cached hidden states (``hidden_cache.py``) to the train and
+        validation windows, building or extending the cache first: the windows of the first
+        ``train_batches`` global training batches (0: all) and of the first ``val_batches`` validation
+        batches. ``backbone_key`` identifies the backbone's weights and the precision it runs in;
+        ``encode`` maps input tokens (k, T) to z (k, T, D). The test split is not cached."""
+        root = cache_root(self.cfg.cache_dir)
+        corpus = Path(self.stats["folder"]).name  # the corpus and the tokenizer
+        B = self.cfg.batch_size
+        for split in ("train", "val"):
+            ds = self._dataset(split)
+            if split == "train":
+                needed = run_window_ids(len(ds), B, self.seed, train_batches)
+            else:
+                needed = np.arange(min(len(ds), val_batches * B), dtype=np.int64)
+            if not len(needed):
+                continue
+            folder = root / f"hidden-{fingerprint('hidden', backbone_key, corpus, self.cfg.seq_len, split)}"
+            ds.hidden = ensure_states(folder, needed, ds.inputs, encode, B, report)
 
     # ---- loaders --------------------------------------------------------------------------------
     def _progress(self) -> tuple[int, int, int, int, int]:

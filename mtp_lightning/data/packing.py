@@ -65,7 +65,14 @@ def split_window(window: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tens
     return inputs, targets
 
 
-def predicted_tokens(window: torch.Tensor, n_future: int) -> int:
+def batch_windows(batch) -> torch.Tensor:
+    """The windows (B, T + n) of a training batch: the batch itself, or the first of (windows, cached
+    hidden states)."""
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def predicted_tokens(batch, n_future: int) -> int:
     """Positions a batch of windows (B, T + n_future) trains: B * T, not the windows' length (the
     throughput monitor and the progress lines count these)."""
+    window = batch_windows(batch)
     return window.shape[0] * (window.shape[1] - n_future)

@@ -163,14 +163,16 @@ def balance_loss(log_w: torch.Tensor, posterior: torch.Tensor, cfg: LossConfig) 
 def cp_objective(heads: CPHeads, z: torch.Tensor, states: list[torch.Tensor], U: torch.Tensor,
                  targets: torch.Tensor, cfg: LossConfig, generator: torch.Generator | None = None,
                  lm_U: torch.Tensor | None = None, lm_targets: torch.Tensor | None = None,
-                 frozen_rows: int = 0) -> CPTerms:
+                 frozen_rows: int = 0, factors: torch.Tensor | None = None) -> CPTerms:
     """z (B, T, D), states n x (B, T, D), targets (B, T, n) with targets[b, t, s] = x_{t+s+1}.
 
     U and targets are the heads' vocabulary: the full U and token ids, or with a draft vocabulary
     (``draft_vocab.py``) U[draft_ids] plus the "other" row (V' + 1, D) and the targets' classes
     (``CPModel.head_unembedding(other=True)``, ``head_targets``). The plain next-token head
     (``lm_head_weight``) always covers the full vocabulary: ``lm_U`` (V, D) and ``lm_targets`` (B, T, n)
-    token ids, which default to U and targets. ``frozen_rows``: see ``target_logprob``."""
+    token ids, which default to U and targets. ``frozen_rows``: see ``target_logprob``. ``factors``
+    (N, n, r): L already computed at every position by the same products (the distillation's,
+    ``distill_objective``), instead of computing it here; only with ``position_fraction`` 1."""
     B, T, n = targets.shape
     N = B * T
     z2 = z.reshape(N, -1)  # (N, D)
@@ -178,7 +180,12 @@ def cp_objective(heads: CPHeads, z: torch.Tensor, states: list[torch.Tensor], U:
     tg = targets.reshape(N, n)
     log_w_all = heads.router_logits(z2).float().log_softmax(-1)  # (N, r)
 
-    if cfg.position_fraction < 1.0:
+    if factors is not None:
+        assert cfg.position_fraction == 1.0 and factors.shape == (N, n, heads.r), tuple(factors.shape)
+        L = factors
+        log_w = log_w_all
+        token_lp = None
+    elif cfg.position_fraction < 1.0:
         # the multi-token terms see a random subset of positions; the next-token term sees them all
         m = max(1, int(round(cfg.position_fraction * N)))
         keep = torch.randperm(N, device=z.device, generator=generator)[:m]

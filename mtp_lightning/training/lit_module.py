@@ -69,12 +69,38 @@ class CPLightningModule(L.LightningModule):
         prepare_model(self.model, self.cfg.model, self.device_mesh)
         self._model_prepared = True
 
+    def on_fit_start(self) -> None:
+        """With ``model.backbone.cache_states``: the frozen backbone's hidden states for the windows this
+        run trains and validates on, from the cache or built now (``data/hidden_cache.py``)."""
+        if not self.cfg.model.backbone.cache_states:
+            return
+        trainer, trunk = self.trainer, self.model.trunk
+        precision = trainer.precision_plugin
+
+        def encode(inputs: torch.Tensor) -> torch.Tensor:
+            # the same precision context as the training step's forward, so the states are the ones it
+            # would compute
+            with torch.no_grad(), precision.forward_context():
+                return trunk(inputs.to(self.device))  # (k, T, D)
+
+        t = self.cfg.trainer
+        batches = t.max_steps * trainer.accumulate_grad_batches * trainer.world_size if t.max_steps > 0 else 0
+        key = f"{trunk.fingerprint()}|{trainer.precision}"
+        trainer.datamodule.cache_hidden_states(key, encode, batches, t.limit_val_batches, report=self.print)
+
     # ---- steps ----------------------------------------------------------------------------------
 
-    def _terms(self, window: torch.Tensor):
+    def _terms(self, batch):
+        """The objective's terms for a batch: windows (B, T + n), or (windows, z (B, T, D)) with the frozen
+        backbone's cached hidden states (``data/hidden_cache.py``), which then stand in for its forward."""
         n = self.model.n_future
+        window, cached = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
         inputs, targets = split_window(window, n)  # (B, T), (B, T, n)
-        z, states = self.model(inputs)  # (B, T, D), n x (B, T, D)
+        if cached is None:
+            z, states = self.model(inputs)  # (B, T, D), n x (B, T, D)
+        else:
+            z = cached
+            states = self.model.heads.offset_states(z)
         loss_cfg = self.cfg.model.loss
         if not self.training and loss_cfg.position_fraction < 1.0:
             # evaluation sees every position: exact metrics, and no draws from the training RNG
@@ -82,40 +108,49 @@ class CPLightningModule(L.LightningModule):
         model = self.model
         # the heads' vocabulary: the full one, or the draft vocabulary's V' ids and "other" (draft_vocab.py)
         classes = model.head_targets(targets)  # (B, T, n)
-        terms = cp_objective(model.heads, z, states, model.head_unembedding(other=True), classes, loss_cfg,
-                             lm_U=model.unembedding, lm_targets=targets, frozen_rows=model.head_frozen_rows)
-        terms = self._add_extra_terms(terms, inputs, classes, z, states)
-        return inputs, targets, z, states, terms
-
-    def _add_extra_terms(self, terms, inputs, classes, z, states):
-        """The joint term's weight and the distillation to the base model (docs/method.md, "Training
-        objective"); ``classes`` (B, T, n) are the targets in the heads' vocabulary
-        (``CPModel.head_targets``)."""
-        lc = self.cfg.model.loss
-        model = self.model
+        U = model.head_unembedding(other=True)
         self._extra_logs = {}
         if model.draft_vocab:
             self._extra_logs["draft_vocab_coverage"] = (classes < model.draft_vocab).float().mean()
+        distill = self._distill(inputs, classes, z, states, U, loss_cfg)
+        # the distillation's products also give the CP objective its factors: computed once for both
+        factors = distill.factors if distill is not None and loss_cfg.position_fraction == 1.0 else None
+        terms = cp_objective(model.heads, z, states, U, classes, loss_cfg, lm_U=model.unembedding,
+                             lm_targets=targets, frozen_rows=model.head_frozen_rows, factors=factors)
+        terms = self._add_extra_terms(terms, distill)
+        return inputs, targets, window, z, states, terms
+
+    def _distill(self, inputs, classes, z, states, U, loss_cfg):
+        """The per-offset distillation to the base model (docs/method.md, "Distillation to a frozen base
+        model"), or None when ``model.loss.distill_weight`` is 0; ``classes`` (B, T, n) are the targets
+        in the heads' vocabulary (``CPModel.head_targets``)."""
+        if self.cfg.model.loss.distill_weight <= 0:
+            return None
+        from mtp_lightning.objectives.distill import distill_objective
+
+        model = self.model
+        if self._teacher:  # joint mode: the base model as it was before training
+            teacher = self._teacher[0].to(z.device)
+            with torch.no_grad():
+                base_z = teacher(inputs)  # (B, T, D)
+            base_logits = teacher.lm_logits
+        else:  # heads only: the frozen trunk is the base model, and z is its output
+            base_z, base_logits = z.detach(), model.lm_logits
+        if model.draft_vocab:  # the base model's logits at the V' ids only
+            base_logits = functools.partial(base_logits, rows=model.heads.draft_ids)
+        return distill_objective(model.heads, z, states, U, base_z, base_logits, classes, loss_cfg,
+                                 kl_cols=model.draft_vocab, frozen_rows=model.head_frozen_rows)
+
+    def _add_extra_terms(self, terms, distill):
+        """The joint term's weight and the distillation's (docs/method.md, "Training objective")."""
+        lc = self.cfg.model.loss
         loss = terms.loss
         if lc.joint_weight != 1.0:
             loss = loss + (lc.joint_weight - 1.0) * terms.joint_nll  # cp_objective weighs it 1
-        if lc.distill_weight > 0:
-            from mtp_lightning.objectives.distill import distill_objective
-
-            if self._teacher:  # joint mode: the base model as it was before training
-                teacher = self._teacher[0].to(z.device)
-                with torch.no_grad():
-                    base_z = teacher(inputs)  # (B, T, D)
-                base_logits = teacher.lm_logits
-            else:  # heads only: the frozen trunk is the base model, and z is its output
-                base_z, base_logits = z.detach(), model.lm_logits
-            if model.draft_vocab:  # the base model's logits at the V' ids only
-                base_logits = functools.partial(base_logits, rows=model.heads.draft_ids)
-            d = distill_objective(model.heads, z, states, model.head_unembedding(other=True), base_z, base_logits,
-                                  classes, lc, kl_cols=model.draft_vocab, frozen_rows=model.head_frozen_rows)
-            loss = loss + lc.distill_weight * d.loss
-            self._extra_logs.update({"distill_loss": d.loss, "distill_kl_offset1": d.kl[0],
-                                     "distill_kl": d.kl.mean(), "distill_ce": d.ce.mean()})
+        if distill is not None:
+            loss = loss + lc.distill_weight * distill.loss
+            self._extra_logs.update({"distill_loss": distill.loss, "distill_kl_offset1": distill.kl[0],
+                                     "distill_kl": distill.kl.mean(), "distill_ce": distill.ce.mean()})
         return dataclasses.replace(terms, loss=loss) if loss is not terms.loss else terms
 
     def _log_terms(self, stage: str, terms, batch_size: int) -> None:
@@ -211,10 +246,10 @@ class CPLightningModule(L.LightningModule):
             if sharded:
                 self.model.reshard()
 
-    def training_step(self, window: torch.Tensor, batch_idx: int):
+    def training_step(self, batch, batch_idx: int):
         if self.draft_tuning:
             return self._draft_step()
-        _, _, _, _, terms = self._terms(window)
+        _, _, window, _, _, terms = self._terms(batch)
         finite = bool(torch.isfinite(terms.loss))
         if self.trainer.world_size > 1:
             # decided by every rank alike, or one rank skipping/stopping would leave the others waiting
@@ -235,8 +270,8 @@ class CPLightningModule(L.LightningModule):
                 return path
         return "none yet"
 
-    def _eval_step(self, stage: str, window: torch.Tensor) -> torch.Tensor:
-        inputs, targets, z, states, terms = self._terms(window)
+    def _eval_step(self, stage: str, batch) -> torch.Tensor:
+        inputs, targets, window, z, states, terms = self._terms(batch)
         self._log_terms(stage, terms, window.shape[0])
         m = self.stage_metrics[stage]
         m["nats"].update(terms.token_nll.sum())
@@ -250,11 +285,11 @@ class CPLightningModule(L.LightningModule):
                 m["ppl"].update(lp, targets[b:b + 1, :, 0])  # (1, T, V)
         return terms.loss
 
-    def validation_step(self, window: torch.Tensor, batch_idx: int):
-        return self._eval_step("val", window)
+    def validation_step(self, batch, batch_idx: int):
+        return self._eval_step("val", batch)
 
-    def test_step(self, window: torch.Tensor, batch_idx: int):
-        return self._eval_step("test", window)
+    def test_step(self, batch, batch_idx: int):
+        return self._eval_step("test", batch)
 
     def _eval_epoch_end(self, stage: str) -> None:
         m = self.stage_metrics[stage]

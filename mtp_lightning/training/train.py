@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from mtp_lightning.atomic import write_text
 from mtp_lightning.checkpoints.io import AtomicCheckpointIO, META_KEY, find_resume_checkpoint, safe_load
 from mtp_lightning.config import Config, load_config, to_yaml
-from mtp_lightning.data.packing import predicted_tokens
+from mtp_lightning.data.packing import batch_windows, predicted_tokens
 from mtp_lightning.errors import UserError
 from mtp_lightning.machine import cpu_has_fast_bf16, describe_machine
 
@@ -120,8 +120,8 @@ def build_strategy(cfg: Config):
 
 
 # module-level functions, not lambdas: ddp_spawn pickles the callbacks into its workers
-def _windows_in(window: torch.Tensor) -> int:
-    return window.shape[0]
+def _windows_in(batch) -> int:
+    return batch_windows(batch).shape[0]
 
 
 class TrainingThroughput(ThroughputMonitor):

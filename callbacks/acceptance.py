@@ -25,8 +25,9 @@ would skip it, so tau and the speedup describe the same weights. A run whose las
 by a validation (``max_steps`` not a multiple of the validation interval) is measured in
 ``on_train_end`` instead, where ``pl_module.log`` is not allowed: the scalars go straight into
 ``trainer.callback_metrics`` and the loggers, at the step a validation there would have used. Earlier
-validations are never timed (decoding twice more costs time), nor is a run stopped early. ``time_speedup=False``
-turns the timing off.
+validations are never timed (decoding twice more costs time), nor is a run stopped early. A warning
+repeats what ``bench``'s ``timing_warnings`` find doubtful (a loaded machine, a speedup beyond tau).
+``time_speedup=False`` turns the timing off.
 
 Distributed runs: every rank decodes the same prompts (the counts are summed across ranks, which
 leaves the rates unchanged). Speculative steps can still differ between ranks (kernels are not
@@ -51,7 +52,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from mtp_lightning.config import SpecConfig, TreeConfig
-from mtp_lightning.decoding.bench import run_benchmark
+from mtp_lightning.decoding.bench import machine_load, run_benchmark, timing_warnings
 from mtp_lightning.decoding.metrics import SpecAcceptance
 from mtp_lightning.decoding.sampling import Sampling
 from mtp_lightning.decoding.speculative import generate_speculative, resolve_draft_len
@@ -191,6 +192,7 @@ class SpecAcceptanceCallback(pl.Callback):
 
         float64 CPU tensors: Lightning keeps float64 as it is, so the logged speedup is exactly the
         logged speculative rate over the logged AR rate."""
+        load, cores = machine_load()
         result = run_benchmark(model, prompts.tolist(), self.max_new_tokens, batch_size=1, verifier=self.verifier,
                                draft_len=self.draft_len, draft_precision=self.draft_precision,
                                eos_id=self._eos_id(trainer), repeats=1, tree=self.tree)
@@ -201,6 +203,10 @@ class SpecAcceptanceCallback(pl.Callback):
         ar_tps = result["ar_tokens_per_s"]
         values = {"spec/ar_tokens_per_s": ar_tps, "spec/spec_tokens_per_s": spec_tps,
                   "spec/speedup": spec_tps / ar_tps, "spec/identical": float(identical)}
+        tau = result["mean_acceptance_length" if self.tree is None else "tree_mean_acceptance_length"]
+        for warning in timing_warnings(result["ar_seconds"], result["spec_seconds"], values["spec/speedup"], tau,
+                                       load, cores):
+            rank_zero_warn(f"SpecAcceptanceCallback: spec/speedup is doubtful: {warning}")
         return {key: torch.tensor(v, dtype=torch.float64) for key, v in values.items()}
 
     def _eos_id(self, trainer: pl.Trainer) -> int | None:

@@ -261,6 +261,10 @@ class SpecConfig:
     stop_at_eos: bool = True
     """End each prompt's decoding at the tokenizer's end-of-text token, as ``generate`` and ``bench`` do
     (``false`` decodes all ``max_new_tokens``, as their ``--ignore-eos`` does)."""
+    time_speedup: bool = True
+    """At the end of the run (the validation after the last step, else when training ends) also time
+    AR against speculative decoding at batch 1 on the same prompts, as ``bench`` does, and log
+    ``spec/speedup`` for ``fit``'s summary. One process only; earlier validations are never timed."""
     tree: TreeConfig = field(default_factory=TreeConfig)
     """Tree verification instead of one chain per step (greedy decoding)."""
 

@@ -181,7 +181,8 @@ def fit_bench_lengths(args, model) -> list[str]:
 
 def bench(args) -> int:
     from mtp_lightning.data import checkpoint_datamodule
-    from mtp_lightning.decoding.bench import format_table, plot_per_position, run_benchmark, timing_warnings
+    from mtp_lightning.decoding.bench import (format_table, machine_load, plot_per_position, run_benchmark,
+                                              timing_warnings)
     from mtp_lightning.objectives.heldout import heldout_metrics
 
     model, tok, cfg = load_for_inference(args.ckpt)
@@ -197,7 +198,7 @@ def bench(args) -> int:
                         f"model's context of {model.max_seq_len} tokens; lower one of them")
     dm = checkpoint_datamodule(cfg.data, cfg.tokenizer, model.n_future, cfg.run.seed, tok)
     prompts = _load_prompts(args, dm, tok, model)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # before this run's own threads
+    load, cores = machine_load()  # before this run's own threads
     t0 = time.perf_counter()
     result = run_benchmark(model, prompts, args.max_new_tokens, batch_size=args.batch_size,
                            verifier=_verifier(args, cfg), draft_len=args.draft_len, sampled=args.sampled,
@@ -205,7 +206,6 @@ def bench(args) -> int:
                            repeats=args.repeats, tree=tree)
     result.update({"val_bits_per_byte": heldout_metrics(model, dm, max_batches=8)["bits_per_byte"],
                    "gzip_bits_per_byte": dm.gzip_bits_per_byte("val")})
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     warnings = timing_warnings(result["ar_seconds"], result["spec_seconds"], result["speedup"],
                                result["mean_acceptance_length"], load, cores)
     result.update({"checkpoint": str(args.ckpt), "machine": describe_machine(),

@@ -77,14 +77,56 @@ def test_fit_prints_a_preamble_and_a_summary(smoke_fit, tb_scalars):
         f"run finished at step 12: {run}",
         f"held-out bits per byte: {tags['val/bits_per_byte'][-1][1]:.3f} at the last validation (gzip -9: "
         f"{gzip_bpb:.3f} on the held-out split)",
-        f"acceptance at the last validation: tau {tags['spec/mean_acceptance_length'][-1][1]:.2f} tokens per "
-        f"step, acceptance rate {tags['spec/acceptance_rate'][-1][1]:.3f} (greedy, 2 held-out prompts)",
+        lines[14],  # the acceptance and the speedup at step 12, checked below
         f"checkpoints: best {best}, last {last}",
-        f"speedup: python -m mtp_lightning bench --ckpt {last}",
         f"train further: python -m mtp_lightning fit --resume last run.root={run.parent} run.name=smoke "
         f"trainer.max_steps=24",
         f"TensorBoard: tensorboard --logdir {run / 'tensorboard'}",
     ]
+    # the numbers the callback logged at the last validation (TensorBoard keeps float32: half a printed
+    # unit of tolerance, plus float32's rounding)
+    m = re.fullmatch(r"acceptance at the end of training: tau (\d+\.\d\d) tokens per step, acceptance rate "
+                     r"(\d\.\d{3}) \(greedy, 2 held-out prompts\); speedup (\d+\.\d\d)x over AR \((\d+) against "
+                     r"(\d+) tokens/s, batch 1, 2 held-out prompts, outputs identical\)", lines[14])
+    assert m, lines[14]
+    for group, tag, unit in [(1, "spec/mean_acceptance_length", 0.01), (2, "spec/acceptance_rate", 0.001),
+                             (3, "spec/speedup", 0.01), (4, "spec/spec_tokens_per_s", 1),
+                             (5, "spec/ar_tokens_per_s", 1)]:
+        (step, value), = tags[tag][-1:]
+        assert step == 12 and abs(float(m.group(group)) - value) <= unit / 2 + 1e-6 * value, tag
+    assert tags["spec/identical"] == [(12, 1.0)]
+
+
+def test_summary_says_when_the_speedup_was_not_measured(tmp_path):
+    from types import SimpleNamespace
+
+    from mtp_lightning.config import load_config
+    from mtp_lightning.training.summary import summary_lines
+
+    run = tmp_path / "r"
+    dm = SimpleNamespace(gzip_bits_per_byte=lambda split: 2.5)
+    tau = {"spec/mean_acceptance_length": torch.tensor(2.25), "spec/acceptance_rate": torch.tensor(0.5)}
+    bench = f"measure it with: python -m mtp_lightning bench --ckpt {run / 'checkpoints' / 'last.ckpt'}"
+
+    def acceptance_lines(overrides, metrics, world_size=1):
+        trainer = SimpleNamespace(callback_metrics=metrics, global_step=7, checkpoint_callbacks=[],
+                                  world_size=world_size)
+        return summary_lines(load_config(overrides=overrides), trainer, dm, run)[2:-3]
+
+    tail = "tau 2.25 tokens per step, acceptance rate 0.500 (greedy, 4 held-out prompts)"
+    assert acceptance_lines(["spec.time_speedup=false"], tau) == [
+        f"acceptance at the last validation: {tail}", f"speedup: not measured (spec.time_speedup=false); {bench}"]
+    assert acceptance_lines([], tau, world_size=2) == [
+        f"acceptance at the last validation: {tail}",
+        f"speedup: not measured (2 processes; fit times it on one); {bench}"]
+    assert acceptance_lines(["spec.every_n_val=0"], {}) == [f"speedup: not measured (spec.every_n_val=0); {bench}"]
+    timed = {**tau, "spec/ar_tokens_per_s": torch.tensor(400.4, dtype=torch.float64),
+             "spec/spec_tokens_per_s": torch.tensor(801.0, dtype=torch.float64),
+             "spec/speedup": torch.tensor(801.0 / 400.4, dtype=torch.float64),
+             "spec/identical": torch.tensor(0.0, dtype=torch.float64)}
+    assert acceptance_lines(["spec.tree.enabled=true"], timed) == [
+        f"acceptance at the end of training: {tail}; speedup 2.00x over AR (801 against 400 tokens/s, tree "
+        f"verification, batch 1, 4 held-out prompts, outputs DIFFER from AR)"]
 
 
 def test_run_directory_layout(smoke_run):
@@ -129,6 +171,7 @@ def test_scalars_and_checkpoints_share_the_step(tb_scalars, smoke_fit):
     tags = tb_scalars(run)
     val = dict(tags["val/loss"])
     assert list(val) == [6, 12] and [s for s, _ in tags["spec/acceptance_rate"]] == [6, 12]
+    assert [s for s, _ in tags["spec/speedup"]] == [12]  # timed at the last validation only
     assert [s for s, _ in tags["train/loss"]] == [2, 4, 6, 8, 10, 12]
     assert [s for s, _ in tags[next(t for t in tags if t.startswith("lr-"))]] == [2, 4, 6, 8, 10, 12]
     (best,) = (run / "checkpoints").glob("best-*.ckpt")

@@ -14,6 +14,7 @@ machine was loaded, or when the speedup exceeds tau, which the same model cannot
 
 from __future__ import annotations
 
+import os
 import statistics
 
 import torch
@@ -80,6 +81,14 @@ def timing_warnings(ar_seconds: list[float], spec_seconds: list[float], speedup:
         out.append(f"speedup {speedup:.2f}x exceeds tau {tau:.2f} (tokens per verification pass), which the "
                    f"same model cannot do: a pass costs at least one AR step; the timings were disturbed")
     return out
+
+
+def machine_load() -> tuple[float | None, int]:
+    """``timing_warnings``' ``load`` and ``cores``: the 1-minute load average (None where the system has
+    none) and the cores this process may run on. Read it before a benchmark starts its own threads."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return load, cores
 
 
 def _ms_per_step(runs) -> float:

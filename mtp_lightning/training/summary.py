@@ -54,6 +54,29 @@ def _checkpoint_paths(trainer) -> tuple[str, str]:
     return best, last
 
 
+def _acceptance_lines(cfg: Config, metrics, last, world_size: int) -> list[str]:
+    """tau and, when the acceptance callback timed the decoders at the end of the run
+    (``spec.time_speedup``), the speedup over AR decoding; else the command that measures it."""
+    sp = cfg.spec
+    if "spec/speedup" in metrics:
+        tree = "tree verification, " if sp.tree.enabled else ""
+        same = "outputs identical" if float(metrics["spec/identical"]) == 1 else "outputs DIFFER from AR"
+        return [f"acceptance at the end of training: tau {float(metrics['spec/mean_acceptance_length']):.2f} tokens "
+                f"per step, acceptance rate {float(metrics['spec/acceptance_rate']):.3f} (greedy, {sp.n_prompts} "
+                f"held-out prompts); speedup {float(metrics['spec/speedup']):.2f}x over AR "
+                f"({float(metrics['spec/spec_tokens_per_s']):.0f} against {float(metrics['spec/ar_tokens_per_s']):.0f} "
+                f"tokens/s, {tree}batch 1, {sp.n_prompts} held-out prompts, {same})"]
+    lines = []
+    if "spec/mean_acceptance_length" in metrics:
+        lines.append(f"acceptance at the last validation: tau {float(metrics['spec/mean_acceptance_length']):.2f} "
+                     f"tokens per step, acceptance rate {float(metrics['spec/acceptance_rate']):.3f} (greedy, "
+                     f"{sp.n_prompts} held-out prompts)")
+    why = ("spec.time_speedup=false" if not sp.time_speedup else "spec.every_n_val=0" if sp.every_n_val == 0
+           else f"{world_size} processes; fit times it on one" if world_size > 1 else "no held-out prompts")
+    lines.append(f"speedup: not measured ({why}); measure it with: python -m mtp_lightning bench --ckpt {last}")
+    return lines
+
+
 def summary_lines(cfg: Config, trainer, dm, run_dir: Path) -> list[str]:
     """Held-out bits per byte beside gzip -9's, the last acceptance, the checkpoints and what to run next."""
     metrics = trainer.callback_metrics
@@ -64,15 +87,11 @@ def summary_lines(cfg: Config, trainer, dm, run_dir: Path) -> list[str]:
                      f"(gzip -9: {gzip_bpb:.3f} on the held-out split)")
     else:
         lines.append(f"held-out bits per byte: not measured (no validation ran); gzip -9: {gzip_bpb:.3f}")
-    if "spec/mean_acceptance_length" in metrics:
-        lines.append(f"acceptance at the last validation: tau {float(metrics['spec/mean_acceptance_length']):.2f} "
-                     f"tokens per step, acceptance rate {float(metrics['spec/acceptance_rate']):.3f} (greedy, "
-                     f"{cfg.spec.n_prompts} held-out prompts)")
     best, last = _checkpoint_paths(trainer)
+    lines += _acceptance_lines(cfg, metrics, last or run_dir / "checkpoints" / "last.ckpt", trainer.world_size)
     lines.append(f"checkpoints: best {best or 'none'}, last {last or 'none'}")
     more = 2 * cfg.trainer.max_steps
     lines += [
-        f"speedup: python -m mtp_lightning bench --ckpt {last or run_dir / 'checkpoints' / 'last.ckpt'}",
         f"train further: python -m mtp_lightning fit --resume last run.root={run_dir.parent} "
         f"run.name={run_dir.name} trainer.max_steps={more}",
         f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}",

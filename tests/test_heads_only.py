@@ -181,3 +181,65 @@ def test_cache_states_needs_a_frozen_pretrained_backbone():
     with pytest.raises(UserError, match="cache_states=true caches a frozen backbone's hidden states; it needs "
                                         "model.backbone.kind=hf and train_mode=heads_only"):
         load_config(overrides=["model.backbone.cache_states=true"])
+
+
+@pytest.mark.parametrize("kl_cols,frozen", [(0, False), (6, True), (6, False)])
+def test_distillation_gradient_by_hand_equals_autograd(kl_cols, frozen):
+    """distill_objective's hand-derived chunk gradient against autograd through the definition:
+    KL(p || q restricted and renormalised), CE = -log q(y), the factors log P_a(y); several chunks."""
+    from mtp_lightning.config import GPTConfig, HeadsConfig
+    from mtp_lightning.model.heads import CPHeads
+    from mtp_lightning.objectives.distill import distill_objective, offset_weights
+
+    torch.manual_seed(1)
+    B, T, n, r, D, V = 2, 5, 3, 2, 8, 10
+    heads = CPHeads(HeadsConfig(n_future=n, rank=r, kind="mlp"), GPTConfig(d_model=D)).double().float()
+    V1 = kl_cols + 1 if kl_cols else V
+    U = torch.randn(V1, D, requires_grad=not frozen or bool(kl_cols))
+    frozen_rows = kl_cols if frozen else 0
+    z = torch.randn(B, T, D, requires_grad=True)
+    base_W = torch.randn(kl_cols or V, D)
+    y = torch.randint(0, V1, (B, T, n))
+    cfg = LossConfig(chunk_size=6, distill_beta=0.7, distill_gamma=0.5)
+
+    def ours():
+        return distill_objective(heads, z, [z] * n, U, z, lambda x: x @ base_W.T, y, cfg, kl_cols=kl_cols,
+                                 frozen_rows=frozen_rows)
+
+    def reference():
+        Ur = torch.cat([U[:kl_cols].detach(), U[kl_cols:]]) if frozen else U
+        logp_all = (z.detach() @ base_W.T).log_softmax(-1)  # (B, T, K)
+        logw = heads.router_logits(z).log_softmax(-1)  # (B, T, r)
+        kls, ces, facs = [], [], []
+        for s in range(n):
+            lp = (heads.expert_vectors(z, s) @ Ur.T).log_softmax(-1)  # (B, T, r, V1)
+            logq = torch.logsumexp(logw[..., None] + lp, dim=-2)  # (B, T, V1)
+            logq_kl = logq[..., :kl_cols].log_softmax(-1) if kl_cols else logq
+            M = T - s
+            p = logp_all[:, s:]
+            kls.append((p.exp() * (p - logq_kl[:, :M])).sum(-1).mean())
+            ces.append(-logq[:, :M].gather(-1, y[:, :M, s, None]).mean())
+            facs.append(lp.gather(-1, y[:, :, s, None, None].expand(B, T, r, 1))[..., 0].reshape(B * T, r))
+        kl, ce = torch.stack(kls), torch.stack(ces)
+        g = offset_weights(n, cfg.distill_gamma)
+        return (g * (0.7 * kl + 0.3 * ce)).sum(), kl, ce, torch.stack(facs, 1)
+
+    weights = torch.randn(B * T, n, r)  # a downstream use of the factors, as the CP objective makes
+
+    def grads(loss):
+        params = [z, *heads.parameters()] + ([U] if U.requires_grad else [])
+        return torch.autograd.grad(loss, params, allow_unused=True)
+
+    mine = ours()
+    want_loss, want_kl, want_ce, want_f = reference()
+    assert torch.allclose(mine.kl, want_kl, atol=1e-5) and torch.allclose(mine.ce, want_ce, atol=1e-5)
+    assert torch.allclose(mine.factors, want_f, atol=1e-5)
+    got = grads(mine.loss + (weights * mine.factors).sum())
+    want = grads(want_loss + (weights * want_f).sum())
+    for a, b in zip(got, want):
+        if b is None:
+            assert a is None or not a.abs().sum()
+        else:
+            assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+    if frozen:  # the frozen rows get exactly zero gradient
+        assert not got[-1][:kl_cols].abs().sum() and got[-1][kl_cols:].abs().sum() > 0

@@ -15,12 +15,26 @@ Worked example (T = 4 inputs, n = 2): offset 1 pairs q_1 at t = 0..3 with p_base
 pairs q_2 at t = 0..2 with p_base at 1..3 (t = 3 would need position 4, past the window, so it is left
 out). Each L_s is a mean over its own positions.
 
-KL needs the whole vocabulary of q_s, so q_s is built chunk by chunk of positions; with ``lean`` each
-chunk runs under activation checkpointing, so memory holds one chunk's (C, r, V) logits, not all.
-The same chunks also give the CP objective its factor log-probabilities L[t, s, a] = log P_a^(s)(y_s)
-at every position (``DistillTerms.factors``, for ``cp_objective(factors=...)``): the products
-U h_{s,a} are the cost of both objectives, and this way each is paid once (forward, recomputation and
-the gradient of h: three products per factor and position, the 6 n r N V D floor).
+KL needs the whole vocabulary of q_s, so q_s is built chunk by chunk of positions, and each chunk's
+gradient is derived by hand (``_OffsetTerms``): its backward recomputes the chunk's logits, so memory
+holds one chunk's (C, r, V) logits, never all of them, and it makes about six passes over them where
+autograd through log-softmax, logsumexp and the KL made some twenty-five. For one chunk, with
+P_a = softmax(U h_a), w_a the router weights, q = sum_a w_a P_a and the base distribution p over the
+K first classes (K = V' with a draft vocabulary, renormalised there; else all V),
+
+    KL(p || q|K) = sum_x p log p - sum_{x<K} p(x) log q(x) + log S,    S = sum_{x<K} q(x)
+
+(S = 1 without a draft vocabulary, and the log S term is then left out). With t(x) = dKL/dq(x) =
+-p(x)/q(x) + 1/S for x < K and 0 past it, and g_a the gradient reaching log P_a(y) (the CP objective's
+factor), the gradient of the logits is
+
+    dloss/dlogits_a(x) = P_a(x) (w_a t(x) - w_a sum_x' P_a(x') t(x') - g_a) + g_a [x = y],
+
+and that of log w_a is w_a sum_x P_a(x) t(x). The same chunks also give the CP objective its factor
+log-probabilities L[t, s, a] = log P_a^(s)(y_s) at every position (``DistillTerms.factors``, for
+``cp_objective(factors=...)``): the products U h_{s,a} are the cost of both objectives, and this way
+each is paid once (forward, recomputation and the gradient of h: three products per factor and
+position, the 6 n r N V D floor).
 
 Shape legend: B batch, T positions, N = B * (T - s + 1) positions of offset s, C positions per chunk,
 D width, r experts, V vocabulary, n offsets.
@@ -30,10 +44,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
-
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from mtp_lightning.config import LossConfig
 from mtp_lightning.objectives.cp_loss import auto_chunk
@@ -54,28 +65,65 @@ def offset_weights(n: int, gamma: float, device=None) -> torch.Tensor:
     return w / w.sum()
 
 
-def _chunk(heads: CPHeads, U: torch.Tensor, s: int, bf16: bool, kl_cols: int, frozen: bool,
-           u: torch.Tensor, z: torch.Tensor, logp: torch.Tensor, y: torch.Tensor, valid: torch.Tensor
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Offset index s over one chunk: u, z (C, D), the base log-probs logp (C, V), y (C,) and valid (C,)
-    (1 where the base distribution lies inside the window) -> summed KL and CE over the valid rows,
-    and L (C, r), log P_a^(s)(y) at every row."""
-    logw = heads.router_logits(z).float().log_softmax(-1)  # (C, r)
-    h = heads.expert_vectors(u, s)  # (C, r, D)
-    mm = torch.bfloat16 if bf16 else torch.float32
-    with torch.autocast(device_type=u.device.type, enabled=False):
-        if frozen:  # the frozen V' rows apart from the learned "other" row: no gradient product for them
-            logits = torch.cat([h.to(mm) @ U[:kl_cols].detach().to(mm).T, h.to(mm) @ U[kl_cols:].to(mm).T], -1)
-        else:
-            logits = h.to(mm) @ U.to(mm).T
-        lp = logits.float().log_softmax(-1)  # (C, r, V) (V' + 1 with a draft vocabulary)
-        factors = lp.gather(2, y[:, None, None].expand(-1, lp.shape[1], 1))[..., 0]  # (C, r)
-        logq = torch.logsumexp(logw[..., None] + lp, dim=1)  # (C, V) the offset's marginal
-    # a draft vocabulary: the KL compares the two distributions renormalised over the V' ids
-    logq_kl = logq[:, :kl_cols].log_softmax(-1) if kl_cols else logq  # (C, V')
-    kl = (logp.exp() * (logp - logq_kl)).sum(-1)  # (C,)
-    ce = -logq.gather(1, y[:, None])[:, 0]  # (C,)
-    return (kl * valid).sum(), (ce * valid).sum(), factors
+def _logits(h: torch.Tensor, U: torch.Tensor, mm: torch.dtype) -> torch.Tensor:
+    """h (C, r, D) @ U.T -> (C, r, V) float32, the products in ``mm``."""
+    return (h.to(mm) @ U.to(mm).T).float()
+
+
+class _OffsetTerms(torch.autograd.Function):
+    """One chunk of one offset: the factors L (C, r) = log P_a(y) and the model's part of the KL per
+    row, -sum_{x<K} p(x) log q(x) (+ log S), from h (C, r, D), U (V, D), log w (C, r), y (C,) and the
+    base log-probs (C, K). The gradient is the module docstring's; U's first ``frozen_rows`` rows get
+    none (a frozen unembedding), and no product is spent on them."""
+
+    @staticmethod
+    def forward(ctx, h, U, logw, y, logp, kl_cols: int, frozen_rows: int, bf16: bool):
+        mm = torch.bfloat16 if bf16 else torch.float32
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            buf = _logits(h, U, mm)  # (C, r, V)
+            m = buf.amax(-1, keepdim=True)  # (C, r, 1)
+            target = buf.gather(-1, y[:, None, None].expand(*buf.shape[:2], 1))[..., 0]  # (C, r)
+            se = buf.sub_(m).exp_().sum(-1)  # (C, r); buf = exp(logits - max)
+            lse = se.log() + m[..., 0]  # (C, r)
+            w = logw.float().exp()  # (C, r)
+            q = torch.bmm((w / se)[:, None, :], buf)[:, 0]  # (C, V) the offset's marginal
+            K = kl_cols or q.shape[1]
+            p = logp.exp()  # (C, K)
+            S = q[:, :K].sum(-1) if kl_cols else None  # (C,)
+            model_kl = -(p * q[:, :K].log()).sum(-1)  # (C,)
+            if kl_cols:
+                model_kl = model_kl + S.log()
+        ctx.save_for_backward(h, U, w, y, p, lse, q, S if kl_cols else lse.new_empty(0))
+        ctx.kl_cols, ctx.frozen_rows, ctx.mm = kl_cols, frozen_rows, mm
+        return target - lse, model_kl
+
+    @staticmethod
+    def backward(ctx, gL, gK):
+        h, U, w, y, p, lse, q, S = ctx.saved_tensors
+        K, f, mm = ctx.kl_cols or q.shape[1], ctx.frozen_rows, ctx.mm
+        C, r, D = h.shape
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            gL = torch.zeros_like(lse) if gL is None else gL.float()  # (C, r)
+            gK = torch.zeros_like(lse[:, 0]) if gK is None else gK.float()  # (C,)
+            t = torch.zeros_like(q)  # (C, V) dKL/dq, zero past the first K classes
+            t[:, :K] = -p / q[:, :K]
+            if ctx.kl_cols:
+                t[:, :K] += (1 / S)[:, None]
+            t.mul_(gK[:, None])
+            buf = _logits(h, U, mm).sub_(lse[..., None]).exp_()  # (C, r, V) P_a
+            Pt = torch.bmm(buf, t[:, :, None])[..., 0]  # (C, r) sum_x P_a(x) t(x)
+            grad_logw = w * Pt
+            # P_a(x) (w_a t(x) + c_a), c_a = -w_a Pt_a - g_a, then + g_a at x = y
+            buf.mul_(torch.addcmul((-grad_logw - gL)[..., None], w[..., None], t[:, None, :]))
+            buf.scatter_add_(-1, y[:, None, None].expand(C, r, 1), gL[..., None])
+            G = buf.reshape(C * r, -1)  # (C r, V)
+            grad_h = (G.to(mm) @ U.to(mm)).view(C, r, D).to(h.dtype) if ctx.needs_input_grad[0] else None
+            grad_U = None
+            if ctx.needs_input_grad[1]:
+                grad_U = torch.zeros(U.shape, device=U.device, dtype=torch.float32)
+                grad_U[f:] = (G[:, f:].T.to(mm) @ h.reshape(C * r, D).to(mm)).float()
+                grad_U = grad_U.to(U.dtype)
+        return grad_h, grad_U, grad_logw, None, None, None, None, None
 
 
 def distill_objective(heads: CPHeads, z: torch.Tensor, states: list[torch.Tensor], U: torch.Tensor,
@@ -97,26 +145,28 @@ def distill_objective(heads: CPHeads, z: torch.Tensor, states: list[torch.Tensor
     chunk = max(1, (cfg.chunk_size or auto_chunk(U.shape[0])) // heads.r)
     with torch.no_grad():  # the base model's next-token log-probs, once per position
         logp = base_logits(base_z.detach().reshape(N, D)).float().log_softmax(-1).view(B, T, -1)  # (B, T, V)
+        plogp = (logp.exp() * logp).sum(-1)  # (B, T) the base distribution's own part of the KL
     positions = torch.arange(T, device=z.device)
     zz = z.reshape(N, D)
     kls, ces, factors = [], [], []
     for s in range(n):
         # position t's base distribution for offset s is the base model's at t + s: inside the window
         # for t < T - s only; the rows past it still give the CP objective its factors
-        lp_s = logp[:, (positions + s).clamp(max=T - 1)].reshape(N, -1)  # (N, V)
+        shifted = (positions + s).clamp(max=T - 1)
+        lp_s, plogp_s = logp[:, shifted].reshape(N, -1), plogp[:, shifted].reshape(N)  # (N, V), (N,)
         valid = (positions < T - s).to(torch.float32).expand(B, T).reshape(N)  # (N,)
         u = states[s].reshape(N, D)
         y = targets[:, :, s].reshape(N)  # (N,)
-        fn = partial(_chunk, heads, U, s, cfg.bf16_unembed, kl_cols, bool(kl_cols and frozen_rows))
         kl = ce = z.new_zeros((), dtype=torch.float32)
         cols = []
         for i in range(0, N, chunk):
-            args = (u[i:i + chunk], zz[i:i + chunk], lp_s[i:i + chunk], y[i:i + chunk], valid[i:i + chunk])
-            if cfg.lean and torch.is_grad_enabled():
-                kl_c, ce_c, f_c = checkpoint(fn, *args, use_reentrant=False)
-            else:
-                kl_c, ce_c, f_c = fn(*args)
-            kl, ce = kl + kl_c, ce + ce_c
+            sl = slice(i, i + chunk)
+            logw = heads.router_logits(zz[sl]).float().log_softmax(-1)  # (C, r)
+            h = heads.expert_vectors(u[sl], s)  # (C, r, D)
+            f_c, model_kl = _OffsetTerms.apply(h, U, logw, y[sl], lp_s[sl], kl_cols, frozen_rows,
+                                               cfg.bf16_unembed)
+            kl = kl + ((plogp_s[sl] + model_kl) * valid[sl]).sum()
+            ce = ce - (torch.logsumexp(logw + f_c, dim=-1) * valid[sl]).sum()  # -log q(y)
             cols.append(f_c)
         count = B * (T - s)
         kls.append(kl / count)

@@ -4,6 +4,7 @@ tiny offline models and helpers come from ``test_hf_backbone``."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -165,9 +166,15 @@ def _fsdp_hf_worker(rank: int, world: int, port: int, folder: str, out: str, hf_
             }
         if rank == 0:
             torch.save(results, out)
-        dist.barrier()  # both ranks leave together (see tests/test_distributed.py's FSDP worker)
-    finally:
+        dist.barrier()  # both ranks leave together, without the interpreter's teardown (see
+        # tests/test_distributed.py's FSDP worker)
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @pytest.mark.slow

@@ -67,23 +67,16 @@ class ForwardCounter:
         self.calls += 1
 
 
-def hf_decode(lm, prompt: list[int], n: int, pad_id: int, lookup: int = 0) -> list[int]:
-    ids = torch.tensor([prompt])
-    extra = {"prompt_lookup_num_tokens": lookup} if lookup else {}
-    out = lm.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
-                      min_new_tokens=n, eos_token_id=None, pad_token_id=pad_id, **extra)
-    return out[0, len(prompt):].tolist()
-
-
 def run(model, tok, prompts: list[list[int]], n: int, draft_len: int, lookup: int) -> dict:
     from mtp_lightning.decoding import SpecAcceptance, generate_ar, generate_speculative
+    from mtp_lightning.decoding.bench import hf_generate
     from mtp_lightning.decoding.speculative import resolve_draft_len
 
     lm, k = model.trunk.lm, resolve_draft_len(model, draft_len)
     counter = ForwardCounter(lm)
     decoders = {
-        "hf_greedy": lambda p: (hf_decode(lm, p, n, tok.eot_id), None),
-        "hf_prompt_lookup": lambda p: (hf_decode(lm, p, n, tok.eot_id, lookup), None),
+        "hf_greedy": lambda p: (hf_generate(lm, p, n, tok.eot_id), None),
+        "hf_prompt_lookup": lambda p: (hf_generate(lm, p, n, tok.eot_id, lookup), None),
         "ar": lambda p: (generate_ar(model, [p], n, verifier="lm_head").tokens[0], None),
         "cp_spec": lambda p: (lambda g: (g.tokens[0], g))(
             generate_speculative(model, [p], n, verifier="lm_head", draft_len=k)),

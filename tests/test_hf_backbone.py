@@ -74,6 +74,22 @@ def test_greedy_speculative_equals_hf_generate(greedy_parity, hf_model, base_fol
         assert 0 < accepted < drafted  # both the accept and the reject paths
 
 
+def test_transformers_baseline_decodes_what_our_ar_decodes(hf_model, base_folder):
+    """``bench.hf_greedy_baseline`` (the sweep's and the decoder benchmark's transformers reference) runs
+    transformers' own greedy ``generate`` with eos off: exactly the project's AR tokens, all
+    ``max_new_tokens`` of them, per prompt."""
+    from mtp_lightning.decoding import generate_ar
+    from mtp_lightning.decoding.bench import hf_greedy_baseline
+
+    model = hf_model(base_folder).eval()
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, 300, (n,), generator=g).tolist() for n in (5, 11)]
+    result = hf_greedy_baseline(model, prompts, 14, pad_id=0)
+    assert result["outputs"] == [generate_ar(model, [p], 14, verifier="lm_head").tokens[0] for p in prompts]
+    assert [len(o) for o in result["outputs"]] == [14, 14]
+    assert result["tokens_per_s"] == 28 / result["seconds"]
+
+
 def test_eos_stops_where_hf_generate_stops(hf_model, base_folder):
     """With an eos id greedy decoding reaches (a token of the first prompt's continuation, where it first
     appears), AR and speculative decoding stop where ``generate(do_sample=False, eos_token_id=...)``

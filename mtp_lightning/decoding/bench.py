@@ -201,6 +201,39 @@ def _tree_runs(model, prompts: list[list[int]], max_new_tokens: int, tree: TreeC
             "tree_winners": stats["winners"]}
 
 
+def hf_generate(lm, prompt: list[int], max_new_tokens: int, pad_id: int, lookup: int = 0) -> list[int]:
+    """transformers' own ``generate(do_sample=False)`` of ``lm`` for one prompt, exactly
+    ``max_new_tokens`` tokens (eos off); ``lookup`` > 0: prompt-lookup decoding
+    (``prompt_lookup_num_tokens``), transformers' self-speculative method without training."""
+    ids = torch.tensor([prompt], device=next(lm.parameters()).device)
+    extra = {"prompt_lookup_num_tokens": lookup} if lookup else {}
+    out = lm.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
+                      min_new_tokens=max_new_tokens, eos_token_id=None, pad_token_id=pad_id, **extra)
+    return out[0, len(prompt):].tolist()
+
+
+def hf_greedy_baseline(model, prompts: list[list[int]], max_new_tokens: int, pad_id: int) -> dict:
+    """Batch-1 greedy decoding of a Hugging Face backbone by transformers itself, the decoder a user
+    would otherwise pick: its tokens/s over the same prompts (a warm-up prompt first, not timed).
+    ``model``: a CPModel over an HF backbone (``model.trunk.lm``)."""
+    import time
+
+    lm = model.trunk.lm
+    was_training = lm.training
+    lm.eval()
+    try:
+        with torch.inference_mode():
+            hf_generate(lm, prompts[0][: max(8, len(prompts[0]) // 2)], min(8, max_new_tokens), pad_id)
+            seconds, outputs = 0.0, []
+            for p in prompts:
+                t0 = time.perf_counter()
+                outputs.append(hf_generate(lm, p, max_new_tokens, pad_id))
+                seconds += time.perf_counter() - t0
+    finally:
+        lm.train(was_training)
+    return {"tokens_per_s": sum(map(len, outputs)) / seconds, "seconds": seconds, "outputs": outputs}
+
+
 def format_table(result: dict) -> str:
     """A plain two-column table of a ``run_benchmark`` result."""
     def fmt(v) -> str:

@@ -274,11 +274,13 @@ def markdown(record: dict, points: list[dict], claims: list[dict], et: dict, plo
                      h["joint_nll_per_token"], h["next_token_nll"], h["bits_per_byte"]]
                     + ([m.get("other_corpus", {}).get("bits_per_byte")] if other else []) + h["offset_nll"])
     out += [_table(header, rows), "", "## Decoding and the mixture", ""]
+    hf = any("speedup_over_hf_greedy" in p["metrics"]["decoding"] for p in done)
     header = ["run", "greedy tau", "greedy acc. rate", "sampled tau", "sampled acc. rate", "speedup (greedy)",
-              "identical to AR", "router entropy", "busiest share", "effective experts", "dead experts"]
+              *(["speedup over transformers greedy"] if hf else []), "identical to AR", "router entropy",
+              "busiest share", "effective experts", "dead experts"]
     rows = [[p["name"], d["mean_acceptance_length"], d["acceptance_rate"], d["sampled_mean_acceptance_length"],
-             d["sampled_acceptance_rate"], d["speedup"], d["identical"], h["router_entropy"], h["busiest_share"],
-             h["effective_experts"], h["dead_experts"]]
+             d["sampled_acceptance_rate"], d["speedup"], *([d.get("speedup_over_hf_greedy")] if hf else []),
+             d["identical"], h["router_entropy"], h["busiest_share"], h["effective_experts"], h["dead_experts"]]
             for p in done for d, h in [(p["metrics"]["decoding"], p["metrics"]["heldout"])]]
     out += [_table(header, rows), "", "## The paper's claims", ""]
     out += [f"- **{c['claim']}: {c['verdict']}.** {c['evidence']}." for c in claims]
@@ -297,7 +299,8 @@ def markdown(record: dict, points: list[dict], claims: list[dict], et: dict, plo
     out += ["", "Definitions: NLLs are nats per token on held-out windows of the training corpus (the other "
             "corpus only in bits per byte, which does not depend on the tokenizer); tau is tokens emitted per "
             "verification step (accepted drafts + 1); acceptance rate is accepted / drafted tokens; speedup is "
-            "speculative over autoregressive tokens/s, both with a KV cache, on the same held-out prompts; "
+            "speculative over autoregressive tokens/s, both with a KV cache, on the same held-out prompts (over "
+            "transformers' own greedy `generate` in its own column, for a Hugging Face backbone); "
             "effective experts is exp of the entropy of the mean router weights.", ""]
     return "\n".join(out)
 

@@ -48,6 +48,9 @@ class MeasureConfig:
     """Also measure bits per byte on the other embedded corpus' held-out split (code <-> text)."""
     other_max_bytes: int = 3_000_000
     """Bytes of the other corpus read (its held-out split is a hash-chosen share of them)."""
+    hf_baseline: bool = True
+    """With a Hugging Face backbone, also time transformers' own greedy ``generate`` on the same prompts
+    (batch 1, eos off) and report the speedup over it (``speedup_over_hf_greedy``)."""
 
 
 @dataclass
@@ -246,6 +249,12 @@ def measure(run_dir: Path, m: MeasureConfig) -> dict:
     bench = run_benchmark(model, prompts, m.max_new_tokens, verifier=cfg.spec.verifier, sampled=True,
                           seed=cfg.run.seed)
     out["decoding"] = {k: v for k, v in bench.items() if k not in ("verifier",)}
+    if m.hf_baseline and hasattr(model.trunk, "lm"):
+        from mtp_lightning.decoding.bench import hf_greedy_baseline
+
+        hf = hf_greedy_baseline(model, prompts, m.max_new_tokens, tok.eot_id)
+        out["decoding"].update(hf_greedy_tokens_per_s=hf["tokens_per_s"],
+                               speedup_over_hf_greedy=bench["spec_tokens_per_s"] / hf["tokens_per_s"])
     out.update(tensorboard_curves(run_dir))
     return out
 

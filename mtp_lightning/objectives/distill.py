@@ -65,22 +65,22 @@ def offset_weights(n: int, gamma: float, device=None) -> torch.Tensor:
     return w / w.sum()
 
 
-def _logits(h: torch.Tensor, U: torch.Tensor, mm: torch.dtype) -> torch.Tensor:
-    """h (C, r, D) @ U.T -> (C, r, V) float32, the products in ``mm``."""
-    return (h.to(mm) @ U.to(mm).T).float()
+def _logits(h: torch.Tensor, Um: torch.Tensor) -> torch.Tensor:
+    """h (C, r, D) @ Um.T -> (C, r, V) float32, the products in Um's dtype."""
+    return (h.to(Um.dtype) @ Um.T).float()
 
 
 class _OffsetTerms(torch.autograd.Function):
     """One chunk of one offset: the factors L (C, r) = log P_a(y) and the model's part of the KL per
     row, -sum_{x<K} p(x) log q(x) (+ log S), from h (C, r, D), U (V, D), log w (C, r), y (C,) and the
-    base log-probs (C, K). The gradient is the module docstring's; U's first ``frozen_rows`` rows get
-    none (a frozen unembedding), and no product is spent on them."""
+    base log-probs (C, K). ``Um``: U in the products' dtype, converted once for all chunks (U itself
+    is the input that gets a gradient). The gradient is the module docstring's; U's first
+    ``frozen_rows`` rows get none (a frozen unembedding), and no product is spent on them."""
 
     @staticmethod
-    def forward(ctx, h, U, logw, y, logp, kl_cols: int, frozen_rows: int, bf16: bool):
-        mm = torch.bfloat16 if bf16 else torch.float32
+    def forward(ctx, h, U, logw, y, logp, Um, kl_cols: int, frozen_rows: int):
         with torch.autocast(device_type=h.device.type, enabled=False):
-            buf = _logits(h, U, mm)  # (C, r, V)
+            buf = _logits(h, Um)  # (C, r, V)
             m = buf.amax(-1, keepdim=True)  # (C, r, 1)
             target = buf.gather(-1, y[:, None, None].expand(*buf.shape[:2], 1))[..., 0]  # (C, r)
             se = buf.sub_(m).exp_().sum(-1)  # (C, r); buf = exp(logits - max)
@@ -93,14 +93,14 @@ class _OffsetTerms(torch.autograd.Function):
             model_kl = -(p * q[:, :K].log()).sum(-1)  # (C,)
             if kl_cols:
                 model_kl = model_kl + S.log()
-        ctx.save_for_backward(h, U, w, y, p, lse, q, S if kl_cols else lse.new_empty(0))
-        ctx.kl_cols, ctx.frozen_rows, ctx.mm = kl_cols, frozen_rows, mm
+        ctx.save_for_backward(h, U, Um, w, y, p, lse, q, S if kl_cols else lse.new_empty(0))
+        ctx.kl_cols, ctx.frozen_rows = kl_cols, frozen_rows
         return target - lse, model_kl
 
     @staticmethod
     def backward(ctx, gL, gK):
-        h, U, w, y, p, lse, q, S = ctx.saved_tensors
-        K, f, mm = ctx.kl_cols or q.shape[1], ctx.frozen_rows, ctx.mm
+        h, U, Um, w, y, p, lse, q, S = ctx.saved_tensors
+        K, f, mm = ctx.kl_cols or q.shape[1], ctx.frozen_rows, Um.dtype
         C, r, D = h.shape
         with torch.autocast(device_type=h.device.type, enabled=False):
             gL = torch.zeros_like(lse) if gL is None else gL.float()  # (C, r)
@@ -110,14 +110,17 @@ class _OffsetTerms(torch.autograd.Function):
             if ctx.kl_cols:
                 t[:, :K] += (1 / S)[:, None]
             t.mul_(gK[:, None])
-            buf = _logits(h, U, mm).sub_(lse[..., None]).exp_()  # (C, r, V) P_a
+            buf = _logits(h, Um).sub_(lse[..., None]).exp_()  # (C, r, V) P_a
             Pt = torch.bmm(buf, t[:, :, None])[..., 0]  # (C, r) sum_x P_a(x) t(x)
             grad_logw = w * Pt
-            # P_a(x) (w_a t(x) + c_a), c_a = -w_a Pt_a - g_a, then + g_a at x = y
-            buf.mul_(torch.addcmul((-grad_logw - gL)[..., None], w[..., None], t[:, None, :]))
+            # P_a(x) (w_a t(x) + c_a), c_a = -w_a Pt_a - g_a, then + g_a at x = y; expert by expert,
+            # which keeps the (C, V) factor in cache where one broadcast (C, r, V) one did not
+            c = -grad_logw - gL  # (C, r)
+            for a in range(r):
+                buf[:, a].mul_(torch.addcmul(c[:, a, None], w[:, a, None], t))
             buf.scatter_add_(-1, y[:, None, None].expand(C, r, 1), gL[..., None])
             G = buf.reshape(C * r, -1)  # (C r, V)
-            grad_h = (G.to(mm) @ U.to(mm)).view(C, r, D).to(h.dtype) if ctx.needs_input_grad[0] else None
+            grad_h = (G.to(mm) @ Um).view(C, r, D).to(h.dtype) if ctx.needs_input_grad[0] else None
             grad_U = None
             if ctx.needs_input_grad[1]:
                 grad_U = torch.zeros(U.shape, device=U.device, dtype=torch.float32)
@@ -146,6 +149,7 @@ def distill_objective(heads: CPHeads, z: torch.Tensor, states: list[torch.Tensor
     with torch.no_grad():  # the base model's next-token log-probs, once per position
         logp = base_logits(base_z.detach().reshape(N, D)).float().log_softmax(-1).view(B, T, -1)  # (B, T, V)
         plogp = (logp.exp() * logp).sum(-1)  # (B, T) the base distribution's own part of the KL
+    Um = U.detach().to(torch.bfloat16 if cfg.bf16_unembed else torch.float32)  # (V, D), once for all chunks
     positions = torch.arange(T, device=z.device)
     zz = z.reshape(N, D)
     kls, ces, factors = [], [], []
@@ -163,8 +167,7 @@ def distill_objective(heads: CPHeads, z: torch.Tensor, states: list[torch.Tensor
             sl = slice(i, i + chunk)
             logw = heads.router_logits(zz[sl]).float().log_softmax(-1)  # (C, r)
             h = heads.expert_vectors(u[sl], s)  # (C, r, D)
-            f_c, model_kl = _OffsetTerms.apply(h, U, logw, y[sl], lp_s[sl], kl_cols, frozen_rows,
-                                               cfg.bf16_unembed)
+            f_c, model_kl = _OffsetTerms.apply(h, U, logw, y[sl], lp_s[sl], Um, kl_cols, frozen_rows)
             kl = kl + ((plogp_s[sl] + model_kl) * valid[sl]).sum()
             ce = ce - (torch.logsumexp(logw + f_c, dim=-1) * valid[sl]).sum()  # -log q(y)
             cols.append(f_c)

@@ -482,3 +482,30 @@ def test_stub_sampled_tree_reproduces_with_a_seed():
         return gen.tokens, gen.accepted, gen.winners
 
     assert run(5) == run(5) and run(5) != run(6)
+
+
+@pytest.mark.slow
+def test_gpt_sampled_tree_has_the_ar_distribution(chi_square, decoding_model, monkeypatch):
+    """A tiny GPT with V = 4 and sharpened, distinct factors (as the chain's sampling test): three tokens,
+    the second and third from a depth-2 tree of the default shape when its candidates are kept."""
+    model = decoding_model("mlp", rank=2, vocab=4, n_future=3, seed=1, max_seq_len=32)
+    with torch.no_grad():
+        noise = torch.randn(model.n_future, *model.heads.next_weight.shape)
+        model.heads.next_weight.add_(noise[0])
+        model.heads.draft_weight.add_(noise[1:])
+    s = Sampling(1.5)
+    probs = enumerated_joint(model, [1, 2], 3, s, "marginal")
+    check_sampled_tree(chi_square, model, [1, 2], probs, 4, 3, s, TreeConfig(enabled=True), monkeypatch)
+
+
+@pytest.mark.slow
+def test_hf_sampled_tree_has_the_base_distribution(chi_square, tiny_hf, hf_model, tmp_path, monkeypatch):
+    """CP heads on a tiny GPT-2, the base model's own LM head verifying (``lm_head``), top-k 3 at
+    temperature 1 (27 outcomes for three tokens), a tree of width 3 with two extra chains. (GPT-2 ties
+    its LM head to the embedding the random heads also use, so their drafts are sometimes kept; on the
+    untied tiny Llama they never are.)"""
+    model = hf_model(tiny_hf(tmp_path / "gpt2", "gpt2")).eval()
+    s = Sampling(1.0, top_k=3)
+    probs = enumerated_joint(model, [30, 31, 32], 3, s, "lm_head")
+    tree = TreeConfig(enabled=True, width=3, experts=2, budget=12)
+    check_sampled_tree(chi_square, model, [30, 31, 32], probs, 4, 3, s, tree, monkeypatch, verifier="lm_head")

@@ -66,8 +66,8 @@ the verifier's distribution given the tokens before it, which is AR sampling; th
 from that context, as a chain step does. Any q gives exactness (the warp on q and int8 drafts only
 change acceptance); what matters is that the acceptance uses the very q each candidate was drawn
 from. The unit test ``test_rejection_stages_emit_p_exactly`` enumerates every candidate sequence and
-accept/reject event and recovers p to 1e-6; drawing WITH replacement from q while updating q as above,
-or keeping q unchanged after drawing without replacement, does not.
+accept/reject event and recovers p to 1e-6; keeping q unchanged after each draw (the update that suits
+i.i.d. draws) while drawing without replacement does not.
 
 Batches are not implemented: they are refused with a message.
 
@@ -419,14 +419,27 @@ def _factors(model, zt: torch.Tensor, st: list[torch.Tensor], joint1: torch.Tens
              int8: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The posterior after c, w_a P_a^(1)(c) (r,), and the factor probabilities at offsets 2..k+1
     (k, r, V) at this one position. ``joint1``: the verifier's router-weighted offset-1 factors (1, r, V)
-    (``marginal``), or None (``lm_head``): offset 1 and the router are then computed here."""
+    (``marginal``), or None (``lm_head``): offset 1 and the router are then computed here. With a draft
+    vocabulary the factors cover its V' columns, and a c outside it leaves the router's weights."""
     if joint1 is None:
         f = model.factor_logprobs(st, range(k + 1), probs=True, int8=int8)[0]  # (k+1, r, V)
         joint, f = f[0] * model.router_logw(zt)[0].exp()[:, None], f[1:]
     else:
         joint, f = joint1[0], model.factor_logprobs(st, range(1, k + 1), probs=True, int8=int8)[0]  # (k, r, V)
+    col, inside = _columns(model, torch.tensor([c], device=f.device))
+    pi = joint[:, col[0]]
+    if inside is not None and not bool(inside[0]):
+        pi = model.router_logw(zt)[0].exp()
     # a probability that underflowed to 0 for every expert must not zero the posterior
-    return joint[:, c].clamp_min(torch.finfo(joint.dtype).tiny), f
+    return pi.clamp_min(torch.finfo(joint.dtype).tiny), f
+
+
+def _to_ids(model, tree: DraftTree) -> DraftTree:
+    """A greedy tree built over a draft vocabulary's columns -> the same tree over token ids."""
+    ids = model.heads.draft_ids.tolist()
+    tree.tokens = [ids[t] for t in tree.tokens]
+    tree.children = {(node, ids[t]): child for (node, t), child in tree.children.items()}
+    return tree
 
 
 @dataclass
@@ -503,6 +516,8 @@ def generate_tree(model, prompts, max_new_tokens: int, tree: TreeConfig, *, pad_
             if ks > 0 and greedy:
                 pi, probs = _factors(model, zt, st, lp1, c, ks, int8)
                 dtree = build_tree(pi, probs, tree.width, experts, tree.budget)
+                if getattr(model, "draft_vocab", 0):
+                    dtree = _to_ids(model, dtree)
             elif ks > 0:
                 logpi, probs = _posterior(model, zt, st, lp1, c, k, int8)  # all k offsets: one weight copy
                 step_shape = shape if ks == k else sampled_shape(tree.width, experts, ks, tree.budget, model.rank)

@@ -9,9 +9,12 @@ with real greedy speculative decoding (and sampled decoding with a fixed seed wh
 ``spec/tf_mean_acceptance_length`` / ``spec/tf_acceptance_rate`` on the first validation batch.
 With ``stop_at_eos`` a prompt's decoding ends at the datamodule tokenizer's end-of-text token, as
 ``generate`` and ``bench`` end theirs.
-With ``spec.tree.enabled`` the greedy measurement verifies trees (``decoding/tree.py``), one prompt at a
-time, and also logs ``spec/tree_mean_size`` and a TensorBoard histogram ``spec/tree_winner`` of which
-candidate won each step (-1 none, 0 the mixture chain, 1 + a expert a's chain, r + 1 a top-k branch).
+With ``spec.tree.enabled`` the measurements verify trees (``decoding/tree.py``), one prompt at a time:
+the greedy one logs ``spec/tree_mean_size`` and a TensorBoard histogram ``spec/tree_winner`` of which
+candidate won each step (-1 none, 0 the mixture chain, 1 + a expert a's chain, r + 1 a top-k branch);
+the sampled one (``sampled``) verifies sampled trees, exact as the chain's sampling is, and logs
+``spec/sampled_tree_mean_size`` and ``spec/sampled_tree_winner`` (0 the main chain, e the e-th extra
+chain, r + 1 a branch).
 
 At the end of the run the callback also times the decoders, as ``python -m mtp_lightning bench`` does
 (``decoding/bench.py``'s ``run_benchmark``, one warm-up, one repeat): batch 1, the same held-out
@@ -97,8 +100,8 @@ class SpecAcceptanceCallback(pl.Callback):
         if model is None or self.every_n_val == 0:
             return
         k = resolve_draft_len(model, self.draft_len)
-        if self.tree is not None:  # the tree's nodes; a chain decodes beside it (sampled, and the timing)
-            k = max(k, self.tree.budget) if self.sampled or self.time_speedup else self.tree.budget
+        if self.tree is not None:  # the tree's nodes; a chain decodes beside it in the timing
+            k = max(k, self.tree.budget) if self.time_speedup else self.tree.budget
         # prompts are one batch of equal length; a batch keeps draft_len spare cache slots
         need = self.prompt_len + self.max_new_tokens - 1 + k
         if need > model.max_seq_len:
@@ -243,24 +246,24 @@ class SpecAcceptanceCallback(pl.Callback):
         tree = self.tree
         if tree is not None and sync_done is not None:
             self._warn_once("tree", "SpecAcceptanceCallback: spec.tree runs on one process; with "
-                            f"{trainer.world_size} ranks the greedy measurement verifies chains")
+                            f"{trainer.world_size} ranks the measurements verify chains")
             tree = None
         for prefix, gen in runs:
             sampling = Sampling(1.0) if gen is not None else Sampling()
-            if gen is None and tree is not None:
+            if tree is not None:
                 # trees decode one row at a time; the tree's depth is its draft length
                 kt = tree_depth(model, k, tree)
                 metric = SpecAcceptance(kt).to(device)
                 with torch.inference_mode():
                     rows = [generate_speculative(model, p[None], self.max_new_tokens, verifier=self.verifier,
-                                                 draft_len=kt, draft_precision=self.draft_precision, eos_id=eos_id,
-                                                 tree=tree)
+                                                 draft_len=kt, sampling=sampling, generator=gen,
+                                                 draft_precision=self.draft_precision, eos_id=eos_id, tree=tree)
                             for p in prompts]
                 for result in rows:
                     metric.update(*result.step_counts())
                 summary = tree_summary(rows)
-                out["spec/tree_mean_size"] = torch.tensor(summary["mean_size"])
-                histograms["spec/tree_winner"] = torch.tensor(list(summary["winners"].values()))
+                out[f"{prefix}tree_mean_size"] = torch.tensor(summary["mean_size"])
+                histograms[f"{prefix}tree_winner"] = torch.tensor(list(summary["winners"].values()))
             else:
                 metric = SpecAcceptance(k).to(device)
                 with torch.inference_mode():
@@ -292,7 +295,7 @@ class SpecAcceptanceCallback(pl.Callback):
             for prefix, hist in histograms.items():
                 if int(hist.sum()) == 0:
                     continue
-                if prefix == "spec/tree_winner":  # -1: no draft accepted, 0: the mixture chain, 1 + a: expert a's, r + 1: top-k
+                if prefix.endswith("tree_winner"):  # -1: no draft accepted, 0: the main chain, then ``source_names``
                     ids = torch.arange(-1, hist.numel() - 1)
                     logger.experiment.add_histogram(prefix, torch.repeat_interleave(ids, hist.cpu()).float(),
                                                     trainer.global_step, bins=np.arange(-1, hist.numel()) - 0.5)

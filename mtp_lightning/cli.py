@@ -30,7 +30,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 def add_tree_arguments(p: argparse.ArgumentParser) -> None:
     """``--tree`` and its fields (``spec.tree``); a field not given keeps the checkpoint's value."""
     p.add_argument("--tree", action="store_true",
-                   help="verify a tree of candidates per step (greedy, one row at a time) instead of one chain")
+                   help="verify a tree of candidates per step (one row at a time; greedy, or sampled with "
+                        "the same distribution as AR sampling) instead of one chain")
     p.add_argument("--tree-width", type=int, default=None, metavar="N", help="top-k tokens tried per offset")
     p.add_argument("--tree-experts", type=int, default=None, metavar="N", help="experts whose own chains join")
     p.add_argument("--tree-depth", type=int, default=None, metavar="N", help="deepest offset (0: the draft length)")
@@ -88,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-precision", choices=("auto", "full", "int8"), default="auto",
                    help="weights the draft is computed with (auto: int8 on the CPU); the output does not change")
     p.add_argument("--verifier", choices=("marginal", "lm_head"), default=None)
-    p.add_argument("--sampled", action="store_true", help="also measure sampled acceptance")
+    p.add_argument("--sampled", action="store_true",
+                   help="also measure sampled acceptance (of the chain, and of sampled trees with --tree)")
+    p.add_argument("--temperature", type=float, default=1.0, help="the temperature of --sampled (> 0)")
     p.add_argument("--ignore-eos", action="store_true",
                    help="decode all --max-new-tokens instead of stopping each row at the end-of-sequence token")
     p.add_argument("--repeats", type=int, default=3,

@@ -225,17 +225,23 @@ class CheckpointConfig:
 @dataclass
 class TreeConfig:
     """Tree verification (``decoding/tree.py``): each step verifies a prefix tree of candidates in one
-    pass instead of one chain. Candidates, in the order the node budget admits them: the mixture's
-    greedy chain (the chain decoder's draft), the own greedy chains of the ``experts`` experts with the
-    largest posterior after the current token, then the next ``width - 1`` tokens of the mixture at each
-    offset as single-token branches off its chain. Greedy decoding of one row only."""
+    pass instead of one chain. Greedy: candidates, in the order the node budget admits them, are the
+    mixture's greedy chain (the chain decoder's draft), the own greedy chains of the ``experts`` experts
+    with the largest posterior after the current token, then the next ``width - 1`` tokens of the
+    mixture at each offset as single-token branches off its chain. Sampled: the same budget over a
+    shape of draws without replacement from the mixture's conditional at each node: a main chain of
+    first draws, ``experts`` chains from the root's next draws, then ``width - 1`` more draws under each
+    node of the main chain; verified by multi-candidate rejection sampling, exact in distribution. One
+    row at a time."""
 
     enabled: bool = False
     """Verify a tree instead of a chain (off by default until measured on the default model)."""
     width: int = 2
-    """Tokens of the mixture draft tried at each offset (top-k); 1 adds no branch beyond the chains."""
+    """Tokens of the mixture draft tried at each offset (greedy: its top-k; sampled: draws without
+    replacement under each node of the main chain); 1 adds no branch beyond the chains."""
     experts: int = 2
-    """Experts whose own greedy chains join the tree (the most probable ones; at most the rank; 0: none)."""
+    """Greedy: experts whose own greedy chains join the tree (the most probable ones; 0: none). Sampled:
+    extra chains from the root's next draws. At most the rank."""
     depth: int = 0
     """Deepest draft offset in the tree; 0 means the draft length."""
     budget: int = 12
@@ -252,7 +258,7 @@ class SpecConfig:
     draft_len: int = 0
     """Speculative tokens per step; 0 means n_future - 1 (the most the heads give)."""
     sampled: bool = False
-    """Also measure sampled (temperature 1) speculative decoding."""
+    """Also measure sampled (temperature 1) speculative decoding (over sampled trees with ``tree``)."""
     verifier: str = "marginal"
     """``marginal`` (the model's own offset-1 marginal) or ``lm_head``."""
     draft_precision: str = "auto"
@@ -266,7 +272,7 @@ class SpecConfig:
     AR against speculative decoding at batch 1 on the same prompts, as ``bench`` does, and log
     ``spec/speedup`` for ``fit``'s summary. One process only; earlier validations are never timed."""
     tree: TreeConfig = field(default_factory=TreeConfig)
-    """Tree verification instead of one chain per step (greedy decoding)."""
+    """Tree verification instead of one chain per step (greedy and sampled decoding, one row at a time)."""
 
 
 @dataclass

@@ -83,9 +83,6 @@ def generate(args) -> int:
     verifier = _verifier(args, cfg)
     eos_id = _eos_id(args, tok)
     tree = _tree(args, cfg, model) if args.mode == "spec" else None
-    if tree is not None and not sampling.greedy:
-        raise UserError(f"--tree verifies greedily; --temperature={args.temperature} needs the chain (drop "
-                        f"--tree, or set spec.tree.enabled=false in the run)")
 
     printed = [""]
 
@@ -190,6 +187,8 @@ def bench(args) -> int:
         print(f"bench: {note}", file=sys.stderr)
     _check_args(args, model)
     tree = _tree(args, cfg, model)
+    if not args.temperature > 0:
+        raise UserError(f"--temperature={args.temperature} must be > 0 (it is the temperature of --sampled)")
     if args.n_prompts < 1 or args.batch_size < 1 or args.prompt_len < 1 or args.repeats < 1:
         raise UserError(f"--n-prompts, --batch-size, --prompt-len and --repeats must be >= 1 (got {args.n_prompts}, "
                         f"{args.batch_size}, {args.prompt_len}, {args.repeats})")
@@ -203,7 +202,7 @@ def bench(args) -> int:
     result = run_benchmark(model, prompts, args.max_new_tokens, batch_size=args.batch_size,
                            verifier=_verifier(args, cfg), draft_len=args.draft_len, sampled=args.sampled,
                            draft_precision=_draft_precision(args), eos_id=_eos_id(args, tok),
-                           repeats=args.repeats, tree=tree)
+                           repeats=args.repeats, tree=tree, temperature=args.temperature)
     result.update({"val_bits_per_byte": heldout_metrics(model, dm, max_batches=8)["bits_per_byte"],
                    "gzip_bits_per_byte": dm.gzip_bits_per_byte("val")})
     warnings = timing_warnings(result["ar_seconds"], result["spec_seconds"], result["speedup"],

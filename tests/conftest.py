@@ -239,8 +239,10 @@ def pooled_chi_square(outcomes: torch.Tensor, probs: torch.Tensor, min_expected:
     bin_of[order[:kept]] = torch.arange(kept)
     expected = torch.cat([probs[order[:kept]], probs[order[kept:]].sum()[None]]) * N  # (kept + 1,)
     observed = torch.bincount(bin_of[outcomes], minlength=kept + 1).double()
+    if kept == probs.numel():  # nothing to pool: no empty last bin
+        expected, observed = expected[:-1], observed[:-1]
     stat = float(((observed - expected) ** 2 / expected).sum())
-    df = kept
+    df = expected.numel() - 1
     return stat, df * (1 - 2 / (9 * df) + 3.090 * math.sqrt(2 / (9 * df))) ** 3
 
 

@@ -86,9 +86,9 @@ def test_callback_logs_acceptance_in_a_real_trainer(decoding_model, tmp_path, mo
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(_module(decoding_model), datamodule=_data())
     assert cb._validations == 3  # the sanity check is not counted
-    # validations 1 and 3, greedy (trees: one decode per prompt) and sampled, in eval + inference mode
+    # validations 1 and 3, greedy and sampled (trees: one decode per prompt), in eval + inference mode
     greedy = 1 if tree is None else 3
-    assert decodes == [(False, True)] * 2 * (greedy + 1)
+    assert decodes == [(False, True)] * 2 * 2 * greedy
     metrics = trainer.callback_metrics
     for key in ["spec/acceptance_rate", "spec/mean_acceptance_length", "spec/acceptance_rate_pos1",
                 "spec/acceptance_rate_pos3", "spec/sampled_mean_acceptance_length",
@@ -96,20 +96,27 @@ def test_callback_logs_acceptance_in_a_real_trainer(decoding_model, tmp_path, mo
                 "spec/tf_acceptance_rate"]:
         assert key in metrics, key
     # the logged tau is that of the last greedy decode (validation 3; the sampled one comes after it)
-    last_greedy = SpecAcceptance(3)
-    for result in results[-1 - greedy:-1]:
+    last_greedy, last_sampled = SpecAcceptance(3), SpecAcceptance(3)
+    for result in results[-2 * greedy:-greedy]:
         last_greedy.update(*result.step_counts())
+    for result in results[-greedy:]:
+        last_sampled.update(*result.step_counts())
     assert float(metrics["spec/mean_acceptance_length"]) == pytest.approx(
         float(last_greedy.summary()["mean_acceptance_length"]))
+    assert float(metrics["spec/sampled_mean_acceptance_length"]) == pytest.approx(
+        float(last_sampled.summary()["mean_acceptance_length"]))
+    # with spec.tree the sampled measurement verifies sampled trees too
+    assert all(hasattr(r, "tree_sizes") == (tree is not None) for r in results)
     assert ckpt.best_model_score is not None
     events = list(tmp_path.glob("lightning_logs/version_0/events.out.tfevents.*"))
     assert events
     if tree is not None:
-        assert "spec/tree_mean_size" in metrics
+        assert "spec/tree_mean_size" in metrics and "spec/sampled_tree_mean_size" in metrics
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
         tags = EventAccumulator(str(events[0])).Reload().Tags()["histograms"]
-        assert "spec/tree_winner" in tags and "spec/accepted_per_step" in tags
+        assert {"spec/tree_winner", "spec/accepted_per_step", "spec/sampled_tree_winner",
+                "spec/sampled_accepted_per_step"} <= set(tags)
 
 
 def _timed_fit(decoding_model, tmp_path, monkeypatch, tree=None, time_speedup=True, **trainer_kw):

@@ -130,6 +130,45 @@ def test_greedy_speculative_with_a_draft_vocabulary_equals_ar(kind, rank, greedy
         greedy_parity(model, prompts[:2], 16, verifiers=("lm_head",), draft_lens=[3])
 
 
+def test_trees_with_a_draft_vocabulary():
+    """Greedy trees over the heads' columns, mapped back to token ids, keep AR's tokens (c inside and
+    outside V'); sampled trees draw ids of V' only and have candidates accepted."""
+    from mtp_lightning.config import TreeConfig
+
+    model = draft_model()
+    tree = TreeConfig(enabled=True, width=3)
+    accepted = 0
+    for p in ([1, 2, 3], [7, 8, 9, 10, 11], [30, 31, 2, 40]):
+        ref = generate_ar(model, [p], 20, verifier="lm_head").tokens
+        gen = generate_speculative(model, [p], 20, verifier="lm_head", tree=tree)
+        assert gen.tokens == ref
+        accepted += sum(gen.accepted[0])
+        sampled = generate_speculative(model, [p], 20, verifier="lm_head", tree=tree, sampling=Sampling(1.0),
+                                       generator=torch.Generator().manual_seed(0))
+        accepted += sum(sampled.accepted[0])
+    assert accepted > 0
+
+
+@pytest.mark.slow
+def test_sampled_trees_with_a_draft_vocabulary_have_the_verifier_distribution():
+    """Tokens 2 and 3 of rows decoded with sampled trees (both from one tree step when its candidates
+    are kept) against the verifier's exact joint, as the chain's test above."""
+    from mtp_lightning.config import TreeConfig
+    from mtp_lightning.model import fastpath
+
+    model, prompt, n = sampling_model(), [1, 2], 6_000
+    want = verifier_pairs(model, prompt)
+    gen, seen, accepted = torch.Generator().manual_seed(0), Counter(), 0
+    with torch.inference_mode(), fastpath.decoding():
+        for _ in range(n):
+            out = generate_speculative(model, [prompt], 3, verifier="lm_head", sampling=Sampling(1.0),
+                                       generator=gen, tree=TreeConfig(enabled=True, width=3, experts=1))
+            seen[tuple(out.tokens[0][1:3])] += 1
+            accepted += sum(out.accepted[0])
+    assert accepted > 0.1 * n
+    assert chi_square_p(seen, want, n) > 1e-3
+
+
 def test_marginal_verifier_is_refused_with_a_draft_vocabulary():
     model = draft_model()
     with pytest.raises(ValueError, match="marginal verifier needs the heads' full vocabulary"):

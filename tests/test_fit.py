@@ -374,18 +374,28 @@ def test_tree_options_of_generate_and_bench(smoke_run, capsys, tmp_path):
     assert out["tokens"] == ar_tokens
     assert set(out["tree"]) == {"mean_size", "max_size", "winners"}
     assert set(out["tree"]["winners"]) == {"none", "mixture", "expert0", "expert1", "topk"}
+    # sampled trees: reproducible with --seed, their sources named as sampled trees name them
+    sampled = []
+    for seed in ("3", "3"):
+        assert main(["generate", "--ckpt", ckpt, "--prompt", "def f(x):", "--max-new-tokens", "10", "--tree",
+                     "--temperature", "1", "--top-k", "20", "--seed", seed, "--json"]) == 0
+        sampled.append(json.loads(capsys.readouterr().out))
+    assert sampled[0]["tokens"] == sampled[1]["tokens"] and len(sampled[0]["tokens"]) >= 1
+    assert set(sampled[0]["tree"]["winners"]) == {"none", "mixture", "chain1", "chain2", "branch"}
     out_json = tmp_path / "bench.json"
     assert main(["bench", "--ckpt", ckpt, "--n-prompts", "2", "--prompt-len", "16", "--max-new-tokens", "12",
-                 "--tree", "--tree-budget", "6", "--json", str(out_json)]) == 0
+                 "--tree", "--tree-budget", "6", "--sampled", "--temperature", "0.8", "--json", str(out_json)]) == 0
     result = json.loads(out_json.read_text())
     assert result["identical"] is True and result["tree_identical"] is True
     assert result["tree_budget"] == 6 and 0 < result["tree_max_size"] <= 6
     assert sum(result["tree_winners"].values()) == sum(result["tree_histogram"])
+    assert result["sampled_temperature"] == 0.8 and 1 <= result["tree_sampled_mean_acceptance_length"] <= 3
+    assert sum(result["tree_sampled_winners"].values()) == sum(result["tree_sampled_histogram"])
     capsys.readouterr()
     assert main(["bench", "--ckpt", ckpt, "--tree", "--tree-width", "0"]) == 2
     assert capsys.readouterr().err.strip().endswith("--tree-width=0 must be >= 1 (1 adds no branch beyond the chains)")
-    assert main(["generate", "--ckpt", ckpt, "--prompt", "x", "--tree", "--temperature", "1"]) == 2
-    assert "--tree verifies greedily" in capsys.readouterr().err
+    assert main(["bench", "--ckpt", ckpt, "--sampled", "--temperature", "0"]) == 2
+    assert "--temperature=0.0 must be > 0" in capsys.readouterr().err
 
 
 def test_progress_line_format():

@@ -107,13 +107,16 @@ def _acceptance(metric: SpecAcceptance, prefix: str = "") -> dict:
 def run_benchmark(model, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 1,
                   verifier: str = "marginal", draft_len: int = 0, warmup: bool = True, sampled: bool = False,
                   seed: int = 0, draft_precision: str = "auto", eos_id: int | None = None,
-                  repeats: int = 1, tree: TreeConfig | None = None) -> dict:
+                  repeats: int = 1, tree: TreeConfig | None = None, temperature: float = 1.0) -> dict:
     """Decode ``prompts`` with AR and greedy speculative decoding; see the module docstring.
 
+    ``sampled``: also the acceptance of sampled speculative decoding at ``temperature`` (a generator
+    seeded with ``seed``), under ``sampled_*``.
     ``tree`` (enabled): also greedy tree verification (``tree.py``), one prompt at a time whatever
     ``batch_size`` and once whatever ``repeats``, reported beside the chain under ``tree_*``: its speed
     against the AR runs' median, its exactness, acceptance (draft length: the tree's depth), tree sizes
-    and the winners' histogram."""
+    and the winners' histogram; with ``sampled``, sampled trees' acceptance, sizes and winners under
+    ``tree_sampled_*``."""
     if not prompts:
         raise ValueError("run_benchmark needs at least one prompt")
     if batch_size < 1 or repeats < 1:
@@ -170,13 +173,18 @@ def run_benchmark(model, prompts: list[list[int]], max_new_tokens: int, batch_si
                 result.update(_tree_runs(model, prompts, max_new_tokens, tree, spec_kw, warmup, reference,
                                          statistics.median(ar_tps)))
             if sampled:
+                sampling = Sampling(temperature=temperature)
                 generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
                 metric = SpecAcceptance(k)
                 for idx, mask in batches:
                     sp = generate_speculative(model, idx, max_new_tokens, pad_mask=mask, **spec_kw,
-                                              sampling=Sampling(temperature=1.0), generator=generator)
+                                              sampling=sampling, generator=generator)
                     metric.update(*sp.step_counts())
                 result.update(_acceptance(metric, "sampled_"))
+                result["sampled_temperature"] = temperature
+                if tree is not None and tree.enabled:
+                    result.update(_sampled_tree_runs(model, prompts, max_new_tokens, tree, spec_kw, sampling,
+                                                     torch.Generator(device=generator.device).manual_seed(seed)))
     finally:
         model.train(was_training)
     return result
@@ -199,6 +207,20 @@ def _tree_runs(model, prompts: list[list[int]], max_new_tokens: int, tree: TreeC
             "tree_ms_per_step": _ms_per_step(runs), "tree_identical": [t for g in runs for t in g.tokens] == ar_tokens,
             **_acceptance(metric, "tree_"), "tree_mean_size": stats["mean_size"], "tree_max_size": stats["max_size"],
             "tree_winners": stats["winners"]}
+
+
+def _sampled_tree_runs(model, prompts: list[list[int]], max_new_tokens: int, tree: TreeConfig, spec_kw: dict,
+                       sampling: Sampling, generator: torch.Generator) -> dict:
+    """``run_benchmark``'s sampled tree columns: each prompt decoded alone with sampled trees (untimed)."""
+    kw = {**spec_kw, "draft_len": tree_depth(model, spec_kw["draft_len"], tree), "tree": tree}
+    runs = [generate_speculative(model, [p], max_new_tokens, sampling=sampling, generator=generator, **kw)
+            for p in prompts]
+    metric = SpecAcceptance(kw["draft_len"])
+    for g in runs:
+        metric.update(*g.step_counts())
+    stats = tree_summary(runs)
+    return {**_acceptance(metric, "tree_sampled_"), "tree_sampled_mean_size": stats["mean_size"],
+            "tree_sampled_winners": stats["winners"]}
 
 
 def hf_generate(lm, prompt: list[int], max_new_tokens: int, pad_id: int, lookup: int = 0) -> list[int]:

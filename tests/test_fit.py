@@ -403,4 +403,6 @@ def test_progress_line_format():
 
     assert progress_line(4, 12, 5.12345, 1234.4, 12.4) == "step 4/12: loss 5.123, 1,234 tok/s, ETA 0:00:12"
     assert progress_line(1, 500, None, 0.0, 3725.4) == "step 1/500: loss -, 0 tok/s, ETA 1:02:05"
+    assert (progress_line(9, 12, 1.23449, 0.0, 3.2, draft_tuning=True)
+            == "step 9/12: draft tuning, draft NLL 1.234 per token, ETA 0:00:03")
     assert format_eta(59.6) == "0:01:00"

@@ -208,6 +208,29 @@ def test_heads_only_fit_keeps_backbone_bit_identical(base_weights, hf_model, tb_
     assert "spec/mean_acceptance_length" in tags and "train/distill_kl" in tags
 
 
+def test_verifier_bits_per_byte_is_the_base_model_s(tb_scalars, heads_only_run):
+    """With the ``lm_head`` verifier, validation logs the bits per byte of the distribution decoding
+    emits from (the frozen model's own LM head, the whole vocabulary): the base model's NLL on the
+    validation windows over their bytes, the same at every validation since the backbone is frozen."""
+    from mtp_lightning.checkpoints.io import load_for_inference
+    from mtp_lightning.data import checkpoint_datamodule
+    from mtp_lightning.data.packing import split_window
+    from mtp_lightning.objectives.heldout import bits_per_byte
+
+    _, run = heads_only_run
+    model, tok, cfg = load_for_inference(run / "checkpoints" / "last.ckpt")
+    dm = checkpoint_datamodule(cfg.data, cfg.tokenizer, model.n_future, cfg.run.seed, tok)
+    window = next(iter(dm.val_dataloader()))  # trainer.limit_val_batches=1
+    inputs, targets = split_window(window, model.n_future)
+    with torch.no_grad():
+        lp = model.lm_logits(model(inputs)[0]).log_softmax(-1)  # (B, T, V)
+    nats = -lp.gather(-1, targets[..., :1]).sum()
+    expected = bits_per_byte(nats, tok.token_bytes().float()[targets[..., 0]].sum()).item()
+    logged = tb_scalars(run)["val/verifier_bits_per_byte"]
+    assert [s for s, _ in logged] == [3, 6]
+    assert all(v == pytest.approx(expected, rel=1e-5) for _, v in logged), (logged, expected)
+
+
 def test_heads_only_resume_and_bench(fit_args, heads_only_run, capsys, tmp_path):
     folder, run = heads_only_run
     args = fit_args(folder, run.parent, run.name, "trainer.max_steps=9")

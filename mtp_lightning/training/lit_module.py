@@ -41,7 +41,8 @@ class CPLightningModule(L.LightningModule):
         # bytes each token id stands for: bits per byte compares models across tokenizers
         self.register_buffer("token_bytes", token_bytes.float(), persistent=False)  # (V,)
         self.stage_metrics = torch.nn.ModuleDict({
-            stage: torch.nn.ModuleDict({"ppl": Perplexity(), "nats": SumMetric(), "bytes": SumMetric()})
+            stage: torch.nn.ModuleDict({"ppl": Perplexity(), "nats": SumMetric(), "bytes": SumMetric(),
+                                        "verifier_nats": SumMetric()})
             for stage in ("val", "test")
         })
         self.last_expert_choice: torch.Tensor | None = None  # read by the mixture-health callback
@@ -276,6 +277,13 @@ class CPLightningModule(L.LightningModule):
         m = self.stage_metrics[stage]
         m["nats"].update(terms.token_nll.sum())
         m["bytes"].update(self.token_bytes[targets[..., 0]].sum())
+        if self.cfg.spec.verifier == "lm_head":
+            # the distribution decoding emits from: the plain LM head (a pretrained model's own output
+            # layer), over the whole vocabulary; the heads' offset-1 figures above are over their classes
+            with torch.no_grad():
+                for b in range(window.shape[0]):
+                    lp = self.model.lm_logits(z[b]).float().log_softmax(-1)  # (T, V)
+                    m["verifier_nats"].update(-lp.gather(-1, targets[b, :, :1]).sum())
         if self.model.draft_vocab:
             return terms.loss  # no full-vocabulary marginal to take a perplexity of (its NLLs are logged)
         # torchmetrics' Perplexity takes logits: the marginal's log-probs are logits of the marginal
@@ -297,6 +305,9 @@ class CPLightningModule(L.LightningModule):
             return
         bpb = bits_per_byte(m["nats"].compute(), m["bytes"].compute())
         self.log(f"{stage}/bits_per_byte", bpb, sync_dist=False)  # already reduced by torchmetrics
+        if m["verifier_nats"].update_count:
+            self.log(f"{stage}/verifier_bits_per_byte", bits_per_byte(m["verifier_nats"].compute(),
+                                                                      m["bytes"].compute()), sync_dist=False)
         if m["ppl"].update_count:
             self.log(f"{stage}/ppl", m["ppl"].compute(), sync_dist=False)
         for metric in m.values():

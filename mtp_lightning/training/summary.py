@@ -82,7 +82,10 @@ def summary_lines(cfg: Config, trainer, dm, run_dir: Path) -> list[str]:
     metrics = trainer.callback_metrics
     lines = [f"run finished at step {trainer.global_step}: {run_dir}"]
     gzip_bpb = dm.gzip_bits_per_byte("val")
-    if "val/bits_per_byte" in metrics:
+    if "val/verifier_bits_per_byte" in metrics:  # spec.verifier=lm_head: the LM head decides every token
+        lines.append(f"held-out bits per byte: {float(metrics['val/verifier_bits_per_byte']):.3f} for the verifier "
+                     f"(the LM head) at the last validation (gzip -9: {gzip_bpb:.3f} on the held-out split)")
+    elif "val/bits_per_byte" in metrics:
         lines.append(f"held-out bits per byte: {float(metrics['val/bits_per_byte']):.3f} at the last validation "
                      f"(gzip -9: {gzip_bpb:.3f} on the held-out split)")
     else:

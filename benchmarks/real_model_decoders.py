@@ -10,7 +10,8 @@ held-out prompts (the validation split of the run's corpus, never trained on), s
 - (d) ``cp_spec``: CP self-speculative decoding (``generate_speculative``, verified by the LM head).
 
 Each decodes every prompt at batch 1 (prompt lookup takes one row at a time), eos off, so all produce
-``--max-new-tokens`` tokens; a warm-up prompt is decoded first and not timed. Reported per decoder:
+``--max-new-tokens`` tokens; a warm-up prompt is decoded first and not timed, and the four take turns
+prompt by prompt (the order rotated each time), so drift in the machine's speed reaches all alike. Reported per decoder:
 tokens/s (generated tokens over the wall time of whole calls, prefill included), the speedup over
 (a), tau (tokens per forward pass of the model: 1 for (a) and (c); for (b) counted with a forward
 hook; for (d) the mean acceptance length) and whether its outputs are identical to (a)'s.
@@ -83,30 +84,39 @@ def run(model, tok, prompts: list[list[int]], n: int, draft_len: int, lookup: in
     }
     from mtp_lightning.model import fastpath
 
-    results, reference = {}, None
+    names = list(decoders)
+    outputs = {name: [] for name in names}
+    seconds = dict.fromkeys(names, 0.0)
+    calls = dict.fromkeys(names, 0)
+    metric = SpecAcceptance(k)
     # one decoding() block around every generation, as decoding.bench.run_benchmark: the few-row weight
     # copies (int8 drafts) are built once, in the first warm-up, not inside each timed call
     with torch.inference_mode(), fastpath.decoding():
-        for name, decode in decoders.items():
-            decode(prompts[0][: max(8, len(prompts[0]) // 2)])  # warm-up, not timed
-            counter.calls, outputs, metric, seconds = 0, [], SpecAcceptance(k), 0.0
-            for p in prompts:
+        for name in names:
+            decoders[name](prompts[0][: max(8, len(prompts[0]) // 2)])  # warm-up, not timed
+        # prompt by prompt, every decoder in turn, the order rotated each prompt: a machine that slows
+        # down or speeds up during the run does so for all four alike
+        for i, p in enumerate(prompts):
+            for name in names[i % len(names):] + names[:i % len(names)]:
+                counter.calls = 0
                 t0 = time.perf_counter()
-                tokens, gen = decode(p)
-                seconds += time.perf_counter() - t0
-                outputs.append(tokens)
+                tokens, gen = decoders[name](p)
+                seconds[name] += time.perf_counter() - t0
+                calls[name] += counter.calls
+                outputs[name].append(tokens)
                 if gen is not None:
                     metric.update(*gen.step_counts())
-            n_tokens = sum(len(t) for t in outputs)
-            if name == "cp_spec":
-                tau = float(metric.summary()["mean_acceptance_length"])
-            elif name == "hf_prompt_lookup":
-                tau = n_tokens / counter.calls
-            else:
-                tau = 1.0
-            reference = outputs if reference is None else reference
-            results[name] = {"tokens_per_s": n_tokens / seconds, "seconds": seconds, "tau": tau,
-                             "identical_to_hf_greedy": outputs == reference}
+    results, reference = {}, outputs[names[0]]
+    for name in names:
+        n_tokens = sum(len(t) for t in outputs[name])
+        if name == "cp_spec":
+            tau = float(metric.summary()["mean_acceptance_length"])
+        elif name == "hf_prompt_lookup":
+            tau = n_tokens / calls[name]
+        else:
+            tau = 1.0
+        results[name] = {"tokens_per_s": n_tokens / seconds[name], "seconds": seconds[name], "tau": tau,
+                         "identical_to_hf_greedy": outputs[name] == reference}
     counter.handle.remove()
     base = results["hf_greedy"]["tokens_per_s"]
     for r in results.values():

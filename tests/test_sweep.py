@@ -181,6 +181,12 @@ def test_quick_sweep_writes_runs_and_report(quick_sweep):
                     "## Equal training time", "--quick"):
         assert section in md
     assert all(f"| {name} |" in md for name in POINTS)
+    # each point's per-position acceptance, greedy and sampled, in its decoding row
+    for name in POINTS:
+        d = json.loads((quick_sweep / name / "metrics.json").read_text())["decoding"]
+        cells = [" / ".join(f"{v:.3f}" for v in d[k]) for k in ("per_position", "sampled_per_position")]
+        assert any(line.startswith(f"| {name} |") and all(f"| {c} |" in line for c in cells)
+                   for line in md.splitlines()), name
     assert all(f"![{png}]({png})" in md for png in PLOTS)
     assert md.count("- **") == 4
 

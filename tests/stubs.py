@@ -1,6 +1,6 @@
 """Stub models for the decoding tests: hand-written factor tables (offset s predicts a fixed function of
 the current token), so that the tokens and counts speculative decoding must produce are known exactly.
-Shared by test_decoding.py and test_tree.py (a helper module, not a test module)."""
+Shared by test_decoding.py, test_tree.py and test_tree_sampling.py (a helper module, not a test module)."""
 
 from __future__ import annotations
 
@@ -65,3 +65,12 @@ def chain(offset_shift):
 ALWAYS = chain(lambda s: 0)
 NEVER = chain(lambda s: 0 if s == 1 else 5)
 PARTLY = chain(lambda s: 0 if s <= 2 else 5)  # offset 2 right, offsets 3+ wrong: one draft per step
+
+
+class TreeStub(StubModel):
+    """``StubModel`` whose ``extend`` takes a tree mask; its states depend on the token alone."""
+
+    def extend(self, idx, cache, pad_mask=None, tree=None):
+        cache.prepare(torch.ones_like(idx, dtype=torch.bool) if pad_mask is None else pad_mask, tree)
+        cache.advance(idx.shape[1])
+        return self(idx)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import time
 
 import torch
 
@@ -190,37 +191,42 @@ def run_benchmark(model, prompts: list[list[int]], max_new_tokens: int, batch_si
     return result
 
 
-def _tree_runs(model, prompts: list[list[int]], max_new_tokens: int, tree: TreeConfig, spec_kw: dict,
-               warmup: bool, ar_tokens: list[list[int]], ar_tps: float) -> dict:
-    """``run_benchmark``'s tree columns: each prompt decoded alone, compared with the AR rows."""
-    kw = {**spec_kw, "draft_len": tree_depth(model, spec_kw["draft_len"], tree), "tree": tree}
-    if warmup:
-        generate_speculative(model, [prompts[0]], min(8, max_new_tokens), **kw)
+def _decode_trees(model, prompts: list[list[int]], max_new_tokens: int, tree: TreeConfig, spec_kw: dict,
+                  prefix: str, **kw) -> tuple[list, dict]:
+    """Each prompt decoded alone with ``tree`` (draft length: the tree's depth); the runs, and their
+    acceptance, mean tree size and winners under ``prefix``."""
+    kw = {**spec_kw, "draft_len": tree_depth(model, spec_kw["draft_len"], tree), "tree": tree, **kw}
     runs = [generate_speculative(model, [p], max_new_tokens, **kw) for p in prompts]
     metric = SpecAcceptance(kw["draft_len"])
     for g in runs:
         metric.update(*g.step_counts())
-    tps = sum(g.n_tokens for g in runs) / sum(g.seconds for g in runs)
     stats = tree_summary(runs)
-    return {"tree_width": tree.width, "tree_experts": min(tree.experts, model.rank), "tree_depth": kw["draft_len"],
+    return runs, {**_acceptance(metric, prefix), f"{prefix}mean_size": stats["mean_size"],
+                  f"{prefix}max_size": stats["max_size"], f"{prefix}winners": stats["winners"]}
+
+
+def _tree_runs(model, prompts: list[list[int]], max_new_tokens: int, tree: TreeConfig, spec_kw: dict,
+               warmup: bool, ar_tokens: list[list[int]], ar_tps: float) -> dict:
+    """``run_benchmark``'s greedy tree columns: timed, and compared with the AR rows."""
+    depth = tree_depth(model, spec_kw["draft_len"], tree)
+    if warmup:
+        generate_speculative(model, [prompts[0]], min(8, max_new_tokens), **{**spec_kw, "draft_len": depth},
+                             tree=tree)
+    runs, stats = _decode_trees(model, prompts, max_new_tokens, tree, spec_kw, "tree_")
+    tps = sum(g.n_tokens for g in runs) / sum(g.seconds for g in runs)
+    return {"tree_width": tree.width, "tree_experts": min(tree.experts, model.rank), "tree_depth": depth,
             "tree_budget": tree.budget, "tree_tokens_per_s": tps, "tree_speedup": tps / ar_tps,
             "tree_ms_per_step": _ms_per_step(runs), "tree_identical": [t for g in runs for t in g.tokens] == ar_tokens,
-            **_acceptance(metric, "tree_"), "tree_mean_size": stats["mean_size"], "tree_max_size": stats["max_size"],
-            "tree_winners": stats["winners"]}
+            **stats}
 
 
 def _sampled_tree_runs(model, prompts: list[list[int]], max_new_tokens: int, tree: TreeConfig, spec_kw: dict,
                        sampling: Sampling, generator: torch.Generator) -> dict:
-    """``run_benchmark``'s sampled tree columns: each prompt decoded alone with sampled trees (untimed)."""
-    kw = {**spec_kw, "draft_len": tree_depth(model, spec_kw["draft_len"], tree), "tree": tree}
-    runs = [generate_speculative(model, [p], max_new_tokens, sampling=sampling, generator=generator, **kw)
-            for p in prompts]
-    metric = SpecAcceptance(kw["draft_len"])
-    for g in runs:
-        metric.update(*g.step_counts())
-    stats = tree_summary(runs)
-    return {**_acceptance(metric, "tree_sampled_"), "tree_sampled_mean_size": stats["mean_size"],
-            "tree_sampled_winners": stats["winners"]}
+    """``run_benchmark``'s sampled tree columns (untimed)."""
+    stats = _decode_trees(model, prompts, max_new_tokens, tree, spec_kw, "tree_sampled_", sampling=sampling,
+                          generator=generator)[1]
+    stats.pop("tree_sampled_max_size")
+    return stats
 
 
 def hf_generate(lm, prompt: list[int], max_new_tokens: int, pad_id: int, lookup: int = 0) -> list[int]:
@@ -238,8 +244,6 @@ def hf_greedy_baseline(model, prompts: list[list[int]], max_new_tokens: int, pad
     """Batch-1 greedy decoding of a Hugging Face backbone by transformers itself, the decoder a user
     would otherwise pick: its tokens/s over the same prompts (a warm-up prompt first, not timed).
     ``model``: a CPModel over an HF backbone (``model.trunk.lm``)."""
-    import time
-
     lm = model.trunk.lm
     was_training = lm.training
     lm.eval()

@@ -282,7 +282,7 @@ class CPLightningModule(L.LightningModule):
             # layer), over the whole vocabulary; the heads' offset-1 figures above are over their classes
             with torch.no_grad():
                 for b in range(window.shape[0]):
-                    lp = self.model.lm_logits(z[b]).float().log_softmax(-1)  # (T, V)
+                    lp = self.model.verifier_logprobs(z[b], [], "lm_head")  # (T, V)
                     m["verifier_nats"].update(-lp.gather(-1, targets[b, :, :1]).sum())
         if self.model.draft_vocab:
             return terms.loss  # no full-vocabulary marginal to take a perplexity of (its NLLs are logged)

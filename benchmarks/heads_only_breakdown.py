@@ -61,7 +61,6 @@ def main() -> None:
     from mtp_lightning.data.packing import split_window
     from mtp_lightning.machine import describe_machine, machine_line
     from mtp_lightning.objectives.cp_loss import auto_chunk, cp_objective
-    from mtp_lightning.objectives.distill import distill_objective
     from mtp_lightning.training.train import build_data_and_module, resolve_precision
 
     cfg = load_config([args.config], args.overrides)

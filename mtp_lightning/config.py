@@ -302,6 +302,14 @@ class DraftTuningConfig:
     temperature from the verifier (drafts tuned for sampled decoding at about that temperature). The
     draws come from a generator seeded with ``run.seed``, so every rank and a resumed run get the same
     pool."""
+    sampled_fraction: float = 1.0
+    """With ``temperature`` > 0, the share of the pool's continuations that are sampled; the rest are
+    greedy (0.5: half of each, which tunes the drafts for both decoding modes)."""
+    soft_weight: float = 0.0
+    """beta of the draft objective (1 - beta) * NLL + beta * KL (objectives/draft_tuning.py): 0 trains
+    the drafts on the continuations' tokens only (hard targets); > 0 also on the verifier's whole
+    next-token distribution at every continuation position (soft targets), which sampled decoding's
+    acceptance, 1 - TV(p, q), depends on."""
 
 
 @dataclass

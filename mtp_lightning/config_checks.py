@@ -93,6 +93,8 @@ RANGES: dict[str, str] = {
     "draft_tuning.batch_size": ">= 1",
     "draft_tuning.lr": "> 0",
     "draft_tuning.temperature": ">= 0; 0 decodes the pool greedily",
+    "draft_tuning.sampled_fraction": "[0, 1]",
+    "draft_tuning.soft_weight": "[0, 1]; 0 trains on the continuations' tokens only",
 }
 
 
@@ -196,6 +198,10 @@ def validate(cfg: Config) -> None:
         if dt.new_tokens < h.n_future:
             errors.append(f"draft_tuning.new_tokens={dt.new_tokens} must be >= model.heads.n_future="
                           f"{h.n_future}: a continuation must hold every offset's target")
+        if dt.sampled_fraction < 1 and dt.temperature == 0:
+            errors.append(f"draft_tuning.sampled_fraction={dt.sampled_fraction} splits the pool between sampled "
+                          f"and greedy continuations, but draft_tuning.temperature=0 samples none; set "
+                          f"draft_tuning.temperature > 0 (1.0: the verifier's own distribution)")
     if not cfg.run.name or "/" in cfg.run.name or cfg.run.name in (".", ".."):
         errors.append(f"run.name={cfg.run.name!r} must be a plain folder name (no '/')")
     if errors:

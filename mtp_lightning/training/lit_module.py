@@ -190,7 +190,7 @@ class CPLightningModule(L.LightningModule):
     def _draft_step(self) -> torch.Tensor:
         """One draft-tuning step. The data loader's window is not used: the batch comes from the pool of
         the model's own continuations, chosen by the step number alone (so a resume draws the same)."""
-        from mtp_lightning.objectives.draft_tuning import draft_objective, pool_batch
+        from mtp_lightning.objectives.draft_tuning import draft_objective, pool_batch, soft_terms, verifier_targets
 
         dt, n = self.cfg.draft_tuning, self.model.n_future
         if self._draft_pool is None:
@@ -199,11 +199,19 @@ class CPLightningModule(L.LightningModule):
                           self.global_rank, self.trainer.world_size).to(self.device)  # (B, P + G)
         inputs, targets = split_window(rows, n)  # (B, T), (B, T, n)
         z, states = self.model(inputs, frozen_trunk=True)  # (B, T, D)
+        U, classes = self.model.head_unembedding(other=True), self.model.head_targets(targets)
         # position t's first target is token t + 1: from t = P - 1 on, every target was generated
-        loss = draft_objective(self.model.heads, z, states, self.model.head_unembedding(other=True),
-                               self.model.head_targets(targets), dt.prompt_len - 1, self.cfg.model.loss)
+        first, batch = dt.prompt_len - 1, rows.shape[0]
+        if dt.soft_weight > 0:
+            target_lp = verifier_targets(self.model, z, states, self.cfg.spec.verifier)  # (B, T, K)
+            terms = soft_terms(self.model.heads, z, states, U, classes, first, self.cfg.model.loss, target_lp,
+                               dt.soft_weight, kl_cols=self.model.draft_vocab)
+            loss, nll = terms.loss, terms.ce.sum()
+            self.log("train/draft_kl_per_token", terms.kl.mean(), batch_size=batch)
+        else:
+            loss = nll = draft_objective(self.model.heads, z, states, U, classes, first, self.cfg.model.loss)
         # its own curve: train/loss stays the main objective's
-        self.log("train/draft_nll_per_token", loss / (n - 1), prog_bar=True, batch_size=rows.shape[0])
+        self.log("train/draft_nll_per_token", nll / (n - 1), prog_bar=True, batch_size=batch)
         return loss
 
     def _make_draft_pool(self) -> torch.Tensor:
@@ -213,12 +221,16 @@ class CPLightningModule(L.LightningModule):
         from torch.distributed.fsdp import FSDPModule
 
         from mtp_lightning.decoding.sampling import Sampling
-        from mtp_lightning.objectives.draft_tuning import generate_pool
+        from mtp_lightning.objectives.draft_tuning import mixed_pool
 
         dt = self.cfg.draft_tuning
         prompts = self.trainer.datamodule.val_prompts(dt.sequences, dt.prompt_len, split="train").to(self.device)
         # self.print: rank zero only, and above the progress bar
-        how = f"samples at temperature {dt.temperature:g}" if dt.temperature > 0 else "greedily"
+        sampled = round(dt.sequences * dt.sampled_fraction) if dt.temperature > 0 else 0
+        how = {0: "greedily", dt.sequences: f"samples at temperature {dt.temperature:g}"}.get(
+            sampled, f"{sampled} sampled at temperature {dt.temperature:g}, the rest greedily")
+        if dt.soft_weight > 0:
+            how += f"; soft targets, weight {dt.soft_weight:g}"
         self.print(f"draft tuning: the model continues {dt.sequences} training prompts by {dt.new_tokens} "
                    f"tokens ({how}), then trains offsets 2..{self.model.n_future} on them for {dt.steps} steps")
         shown = [0]  # eighths of the pool reported so far
@@ -240,9 +252,9 @@ class CPLightningModule(L.LightningModule):
         try:
             # the same seed on every rank: the ranks' pools must be one pool, sliced by pool_batch
             generator = torch.Generator(device=self.device).manual_seed(self.cfg.run.seed)
-            return generate_pool(self.model, prompts, dt.new_tokens, self.cfg.spec.verifier, on_batch=report,
-                                 inference_mode=not sharded, sampling=Sampling(temperature=dt.temperature),
-                                 generator=generator)
+            return mixed_pool(self.model, prompts, dt.new_tokens, self.cfg.spec.verifier, sampled,
+                              Sampling(temperature=dt.temperature), generator, on_batch=report,
+                              inference_mode=not sharded)
         finally:
             if sharded:
                 self.model.reshard()
